@@ -1,0 +1,501 @@
+"""Run a model over token batches once and produce per-sequence metric terms for each variant.
+
+Per batch: one clean pass caching only the hooks the requests need; one ablation pass per
+(set of write hooks, ablation kind), shared by every request at those hooks; one spliced
+pass per request. Ablation and spliced passes start at the first hook's layer from the
+cached residual stream (`start_at_layer`), and a run that needs no logits stops early
+(`stop_at_layer`). Ablating a whole residual stream at every position makes everything
+after it independent of the tokens, so that pass is run once for one row and reused.
+
+A request with `pathological_draws > 0` also gets, per random baseline and draw, one pass
+with the write-hook activation moved by a random ε of the spliced error's norm at each
+spliced position (`pathological_error`, Gurnee 2024); the covariance-aware baseline needs
+the activation's covariance, one float64 pre-pass over the tokens shared with the mean
+activations of mean ablation. Draws come from one generator per sequence, seeded from
+(`pathological_seed`, the sequence's index in `tokens`): the same tokens and seed give the
+same draws whatever the batch size (on one device type: CPU and CUDA streams differ).
+
+The output is, per request, a dict of per-sequence sums (the term contract of
+`saebench.metrics.registry`); `saebench.stats` turns them into values and intervals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from saebench.metrics import tokens as tok_metrics
+from saebench.metrics.pathological import BASELINE_TERMS
+from saebench.splice import (
+    Dictionary,
+    FeatureEdit,
+    ablation_hooks,
+    hook_layer,
+    position_mask,
+    splice_hooks,
+)
+
+RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+ABLATIONS = ("zero", "mean")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One variant to measure: a dictionary, or a set spliced together, and its options.
+
+    `downstream` asks for the clean/spliced/ablated CE and KL terms; `reconstruction` for
+    the activation-level terms (L0, errors, norms, feature counts) of a single dictionary.
+    `pathological_draws` > 0 (single dictionary, downstream) adds, per baseline in
+    `pathological_baselines`, the term `kl_eps_iso` / `kl_eps_cov`: KL(clean ‖ clean + ε)
+    summed over the KL positions and averaged over that many random draws of ε seeded by
+    `pathological_seed` (see `saebench.metrics.pathological`).
+    """
+
+    key: str
+    dictionaries: tuple[Dictionary, ...]
+    downstream: bool = True
+    reconstruction: bool = True
+    ablations: tuple[str, ...] = ("zero",)
+    error_term: bool = False
+    positions: int | Sequence[int] | None = None
+    edits: tuple[FeatureEdit, ...] = ()
+    pathological_draws: int = 0
+    pathological_seed: int = 0
+    pathological_baselines: tuple[str, ...] = tuple(BASELINE_TERMS)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.ablations) - set(ABLATIONS)
+        if unknown:
+            raise ValueError(f"{self.key}: unknown ablation kind(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(ABLATIONS)}")
+        if self.reconstruction and len(self.dictionaries) != 1:
+            raise ValueError(f"{self.key}: reconstruction metrics need exactly one dictionary")
+        self._check_pathological()
+
+    def _check_pathological(self) -> None:
+        draws = self.pathological_draws
+        if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
+            raise ValueError(f"{self.key}: pathological_draws must be an integer >= 0 "
+                             f"(0 = off), got {draws!r}")
+        unknown = set(self.pathological_baselines) - set(BASELINE_TERMS)
+        if unknown:
+            raise ValueError(f"{self.key}: unknown pathological baseline(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(BASELINE_TERMS)}")
+        if draws and (len(self.dictionaries) != 1 or not self.downstream):
+            raise ValueError(f"{self.key}: pathological_error needs exactly one dictionary "
+                             "and downstream=True")
+
+    @property
+    def write_hooks(self) -> tuple[str, ...]:
+        return tuple(d.write_hook for d in self.dictionaries)
+
+    @property
+    def start_layer(self) -> int | None:
+        """The layer a spliced pass can start at; None when a hook sits before the blocks."""
+        return _start_layer(h for d in self.dictionaries for h in (d.read_hook, d.write_hook))
+
+
+def _start_layer(hooks: Iterable[str]) -> int | None:
+    hooks = list(hooks)
+    if any(not h.startswith("blocks.") for h in hooks):
+        return None
+    return min(hook_layer(h) for h in hooks)
+
+
+def _suffix_pass(model, cache, batch, layer: int | None, fwd_hooks, rows: int | None = None):
+    """Logits of a pass with `fwd_hooks`, started at `layer` from the cached residual
+    (from the tokens when `layer` is None), over the first `rows` rows (all by default)."""
+    inputs = batch if layer is None else cache[f"blocks.{layer}.hook_resid_pre"]
+    return model.run_with_hooks(inputs[:rows], start_at_layer=layer, fwd_hooks=fwd_hooks)
+
+
+@dataclass
+class EngineOptions:
+    """How the engine runs: batch size, device and dtype, special tokens, progress bar."""
+
+    batch_size: int = 16
+    device: str | torch.device | None = None
+    dtype: torch.dtype | str | None = None
+    exclude_special_tokens: bool = True
+    progress: bool = True
+    special_token_ids: Sequence[int] | None = None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to use: the one given, else CUDA, then MPS, then CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a name such as "float32" or "bfloat16" (None keeps the model's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return resolved
+
+
+def special_token_ids(model: HookedTransformer) -> list[int]:
+    """BOS/EOS/PAD (and the like) of the model's tokenizer, as sae_lens excludes them."""
+    from sae_lens.util import get_special_token_ids
+
+    return sorted(get_special_token_ids(model.tokenizer)) if model.tokenizer is not None else []
+
+
+def _batches(tokens: torch.Tensor | Iterable[torch.Tensor], batch_size: int):
+    if isinstance(tokens, torch.Tensor):
+        for start in range(0, len(tokens), batch_size):
+            yield tokens[start:start + batch_size]
+    else:
+        yield from tokens
+
+
+def _is_whole_residual(hooks: Sequence[str]) -> bool:
+    return len(hooks) == 1 and hooks[0].rsplit(".", 1)[-1] in RESIDUAL_HOOKS
+
+
+@torch.no_grad()
+def mean_activations(
+    model: HookedTransformer,
+    tokens: torch.Tensor | Iterable[torch.Tensor],
+    hooks: Sequence[str],
+    options: EngineOptions,
+) -> dict[str, torch.Tensor]:
+    """Mean activation at each hook over the non-special positions of `tokens` (float64)."""
+    return _moments(model, tokens, hooks, (), options)[0]
+
+
+@torch.no_grad()
+def activation_covariances(
+    model: HookedTransformer,
+    tokens: torch.Tensor | Iterable[torch.Tensor],
+    hooks: Sequence[str],
+    options: EngineOptions,
+) -> dict[str, torch.Tensor]:
+    """Covariance [d, d] (float64) of each hook's activation over the non-special positions
+    of `tokens`; per-head activations ([.., n_heads, d_head]) are flattened to one width."""
+    return _moments(model, tokens, (), hooks, options)[1]
+
+
+def _moments(model, tokens, mean_hooks: Sequence[str], cov_hooks: Sequence[str],
+             options: EngineOptions) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Means (model dtype) and covariances (float64) in one streaming float64 pass.
+
+    Covariances accumulate about a shift (the first non-empty batch's mean), so a large
+    mean costs no precision.
+    """
+    hooks = sorted(set(mean_hooks) | set(cov_hooks))
+    if not hooks:
+        return {}, {}
+    device = next(model.parameters()).device
+    special = torch.tensor(options.special_token_ids or [], device=device)
+    sums: dict[str, Tensor] = {}
+    shift: dict[str, Tensor] = {}
+    s1: dict[str, Tensor] = {}
+    s2: dict[str, Tensor] = {}
+    count = 0
+    stop = max(hook_layer(h) for h in hooks) + 1
+    for batch in _batches(tokens, options.batch_size):
+        batch = batch.to(device)
+        keep = ~torch.isin(batch, special)
+        _, cache = model.run_with_cache(batch, names_filter=hooks,
+                                        stop_at_layer=min(stop, model.cfg.n_layers))
+        for hook in hooks:
+            acts = cache[hook][keep].double()
+            if hook in mean_hooks:
+                total = acts.sum(0)
+                sums[hook] = sums[hook] + total if hook in sums else total
+            if hook in cov_hooks and len(acts):
+                flat = acts.flatten(1)
+                if hook not in shift:
+                    shift[hook] = flat.mean(0)
+                    s1[hook] = torch.zeros_like(shift[hook])
+                    s2[hook] = torch.zeros(len(flat[0]), len(flat[0]), dtype=flat.dtype,
+                                           device=device)
+                centred = flat - shift[hook]
+                s1[hook] += centred.sum(0)
+                s2[hook] += centred.T @ centred
+        count += int(keep.sum())
+    dtype = next(model.parameters()).dtype
+    means = {hook: (s / max(count, 1)).to(dtype) for hook, s in sums.items()}
+    covs = {hook: (s2[hook] - torch.outer(s1[hook], s1[hook]) / count) / max(count - 1, 1)
+            for hook in cov_hooks if hook in s2}
+    return means, covs
+
+
+def covariance_factor(cov: Tensor) -> Tensor:
+    """F with F Fᵀ = `cov` (eigendecomposition; negative rounding eigenvalues clipped to 0),
+    so `z @ F.T` for z ~ N(0, I) is distributed N(0, cov), also when `cov` is singular."""
+    eigvals, eigvecs = torch.linalg.eigh(cov.double())
+    return eigvecs * eigvals.clamp_min(0).sqrt()
+
+
+class _TermLog:
+    """Per-sequence terms, appended batch by batch on the device, concatenated at the end."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, **terms: torch.Tensor) -> None:
+        for name, value in terms.items():
+            self._parts[name].append(value.double())
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {name: torch.cat(parts).cpu() for name, parts in self._parts.items()}
+
+
+@torch.no_grad()
+def run(
+    model: HookedTransformer,
+    tokens: torch.Tensor | Iterable[torch.Tensor],
+    requests: Sequence[Request],
+    options: EngineOptions | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Evaluate every request over `tokens` ([n, seq] or an iterable of batches).
+
+    Returns `{request.key: {term: per-sequence tensor}}` (float64, on the CPU).
+    """
+    options = options or EngineOptions()
+    device = next(model.parameters()).device
+    if options.special_token_ids is None:
+        options.special_token_ids = (special_token_ids(model)
+                                     if options.exclude_special_tokens else [])
+    special = torch.tensor(options.special_token_ids, device=device, dtype=torch.long)
+    check_requests(model, requests)
+
+    ablation_sets = sorted({(r.write_hooks, kind) for r in requests if r.downstream
+                            for kind in r.ablations})
+    mean_hooks = sorted({h for hooks, kind in ablation_sets if kind == "mean" for h in hooks})
+    cov_hooks = sorted({r.write_hooks[0] for r in requests if r.pathological_draws
+                        and "covariance" in r.pathological_baselines})
+    means, covs = _moments(model, tokens, mean_hooks, cov_hooks, options)
+    factors = {hook: covariance_factor(cov).float() for hook, cov in covs.items()}
+
+    logs = {r.key: _TermLog() for r in requests}
+    ablation_logs = {a: _TermLog() for a in ablation_sets}
+    token_independent: dict[tuple, torch.Tensor] = {}
+    needs_logits = any(r.downstream for r in requests)
+    start_layers = ({r.start_layer for r in requests if r.downstream}
+                    | {_start_layer(hooks) for hooks, _ in ablation_sets}) - {None}
+    cache_hooks = sorted({f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
+                         | {h for r in requests for d in r.dictionaries
+                            for h in (d.read_hook, d.write_hook)})
+    stop = None if needs_logits else min(
+        model.cfg.n_layers, max(hook_layer(h) for h in cache_hooks) + 1)
+
+    total = len(tokens) if isinstance(tokens, torch.Tensor) else None
+    bar = tqdm(total=total, desc="saebench", unit="seq", disable=not options.progress)
+    first_row = 0
+    for batch in _batches(tokens, options.batch_size):
+        batch = batch.to(device)
+        act_mask = ~torch.isin(batch, special)
+        logits, cache = model.run_with_cache(batch, names_filter=cache_hooks, stop_at_layer=stop)
+        clean = None
+        if needs_logits:
+            clean = _Clean(logits, batch, act_mask)
+            del logits  # the clean log-probs are all the variants need
+            for hooks, kind in ablation_sets:
+                abl_logits = _ablated_logits(model, cache, batch, hooks, kind, means,
+                                             token_independent)
+                ablation_logs[(hooks, kind)].add(**clean.terms_against(abl_logits, kind))
+        for request in requests:
+            record: dict = {}
+            if request.downstream:
+                mask = act_mask & position_mask(request.positions, *batch.shape,
+                                                device=batch.device)
+                spliced = _spliced_logits(model, cache, batch, request, mask, record)
+                logs[request.key].add(**clean.terms_against(spliced, "spliced"))
+                del spliced
+            if request.pathological_draws:
+                logs[request.key].add(**_pathological_terms(
+                    model, cache, batch, request, mask, record, clean, factors, first_row))
+            if request.reconstruction:
+                if not record:
+                    _record_from_cache(cache, request, act_mask, record)
+                logs[request.key].add(**_reconstruction_terms(record[request.dictionaries[0].name],
+                                                              act_mask))
+        bar.update(len(batch))
+        first_row += len(batch)
+    bar.close()
+
+    results = {}
+    for request in requests:
+        terms = logs[request.key].finish()
+        if request.downstream:
+            for kind in request.ablations:
+                abl = ablation_logs[(request.write_hooks, kind)].finish()
+                terms[f"ce_{kind}"], terms[f"kl_{kind}"] = abl[f"ce_{kind}"], abl[f"kl_{kind}"]
+        results[request.key] = terms
+    return results
+
+
+class _Clean:
+    """The clean pass's log-probs, and the CE/KL terms of a variant against them.
+
+    CE is summed over prediction positions (input token not special, a next token exists),
+    KL over every position whose input token is not special, as sae_lens does. The clean
+    log-probs and CE are computed once per batch and shared by every variant.
+    """
+
+    def __init__(self, logits: torch.Tensor, batch: torch.Tensor, act_mask: torch.Tensor):
+        self.batch = batch
+        self.act_mask = act_mask
+        self.pred_mask = act_mask[:, :-1]
+        self.log_p = tok_metrics.log_probs(logits)
+        self.shared = {
+            "ce_clean": tok_metrics.sequence_sums(
+                tok_metrics.next_token_nll(self.log_p, batch), self.pred_mask),
+            "n_pred": self.pred_mask.sum(-1),
+            "n_kl": act_mask.sum(-1),
+        }
+
+    def terms_against(self, logits: torch.Tensor, label: str) -> dict[str, torch.Tensor]:
+        log_q = tok_metrics.log_probs(logits).expand_as(self.log_p)
+        ce = tok_metrics.next_token_nll(log_q, self.batch)
+        kl = tok_metrics.kl_from_log_probs(self.log_p, log_q)
+        terms = {f"ce_{label}": tok_metrics.sequence_sums(ce, self.pred_mask),
+                 f"kl_{label}": tok_metrics.sequence_sums(kl, self.act_mask)}
+        return terms | self.shared if label == "spliced" else terms
+
+    def kl_sums(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of KL(clean ‖ variant) over the KL positions."""
+        log_q = tok_metrics.log_probs(logits).expand_as(self.log_p)
+        return tok_metrics.sequence_sums(tok_metrics.kl_from_log_probs(self.log_p, log_q),
+                                         self.act_mask)
+
+
+def _ablated_logits(model, cache, batch, hooks, kind, means, token_independent) -> torch.Tensor:
+    """Logits with `hooks` ablated at every position; shared across a batch when possible."""
+    layer = _start_layer(hooks)
+    fwd_hooks = [hook for h in hooks for hook in ablation_hooks(h, kind, mean=means.get(h))]
+    if layer is not None and _is_whole_residual(hooks):
+        key = (hooks, kind, batch.shape[1])
+        if key not in token_independent:
+            token_independent[key] = _suffix_pass(model, cache, batch, layer, fwd_hooks, rows=1)
+        return token_independent[key]
+    return _suffix_pass(model, cache, batch, layer, fwd_hooks)
+
+
+def _spliced_logits(model, cache, batch, request: Request, mask, record) -> torch.Tensor:
+    hooks = splice_hooks(request.dictionaries, error_term=request.error_term, mask=mask,
+                         edits=request.edits, record=record)
+    return _suffix_pass(model, cache, batch, request.start_layer, hooks)
+
+
+def _sequence_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed for sequence `index` under the run's `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sequence_generators(seed: int, first_row: int, n: int,
+                        device: torch.device | str) -> list[torch.Generator]:
+    """One generator per sequence `first_row .. first_row + n - 1`, seeded from (seed, index)."""
+    return [torch.Generator(device=device).manual_seed(_sequence_seed(seed, first_row + i))
+            for i in range(n)]
+
+
+def random_directions(z: Tensor, factor: Tensor | None = None) -> Tensor:
+    """g from standard normal `z` [..., d]: z itself (isotropic) or z @ factorᵀ, distributed
+    N(0, factor factorᵀ) (covariance-aware, with `covariance_factor`)."""
+    return z if factor is None else z @ factor.T.to(z.dtype)
+
+
+def rescaled(g: Tensor, norm: Tensor) -> Tensor:
+    """`g` [..., d] rescaled to length `norm` [...] at each position (0 where g is 0)."""
+    return g * (norm / g.norm(dim=-1).clamp_min(torch.finfo(g.dtype).tiny))[..., None]
+
+
+def _perturb_hook(eps: Tensor, mask: Tensor):
+    """A write-hook function adding `eps` (flat width) where `mask` [b, t] is True."""
+
+    def hook_fn(act: Tensor, hook) -> Tensor:
+        keep = mask.reshape(*mask.shape, *([1] * (act.dim() - 2)))
+        return torch.where(keep, act + eps.reshape(act.shape).to(act.dtype), act)
+
+    return hook_fn
+
+
+def _pathological_terms(model, cache, batch, request: Request, mask, record, clean: _Clean,
+                        factors: dict[str, Tensor], first_row: int) -> dict[str, Tensor]:
+    """KL(clean ‖ clean + ε) per sequence, averaged over draws, for each requested baseline.
+
+    ε has the norm of what the splice changed at each masked position (‖x̂ − target‖ there;
+    0 elsewhere). The baselines share each draw's z (common random numbers). A covariance
+    is missing only when no position of the data counts, and then every ε is 0.
+    """
+    d = request.dictionaries[0]
+    rec = record[d.name]
+    target = rec["target"].flatten(2)
+    err_norm = (rec["out"].flatten(2).float() - target.float()).norm(dim=-1)
+    err_norm = torch.where(mask, err_norm, 0)
+    dtype = torch.promote_types(torch.float32, target.dtype)
+    gens = sequence_generators(request.pathological_seed, first_row, len(batch), batch.device)
+    kls: dict[str, list[Tensor]] = {kind: [] for kind in request.pathological_baselines}
+    for _ in range(request.pathological_draws):
+        z = torch.stack([torch.randn(target.shape[1:], generator=g, device=batch.device,
+                                     dtype=dtype) for g in gens])
+        for kind in request.pathological_baselines:
+            factor = factors.get(d.write_hook) if kind == "covariance" else None
+            eps = rescaled(random_directions(z, factor), err_norm.to(dtype))
+            logits = _suffix_pass(model, cache, batch, request.start_layer,
+                                  [(d.write_hook, _perturb_hook(eps, mask))])
+            kls[kind].append(clean.kl_sums(logits))
+    return {BASELINE_TERMS[kind]: torch.stack(draws).mean(0) for kind, draws in kls.items()}
+
+
+def _record_from_cache(cache, request: Request, act_mask, record) -> None:
+    d = request.dictionaries[0]
+    recon, feats = d.reconstruct(cache[d.read_hook], like=cache[d.write_hook],
+                                 edits=request.edits)
+    record[d.name] = {"x": cache[d.read_hook], "target": cache[d.write_hook],
+                      "recon": recon, "feats": feats}
+
+
+def _reconstruction_terms(rec: dict, act_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    target = rec["target"].flatten(2) if rec["target"].dim() > 3 else rec["target"]
+    recon = rec["recon"].reshape(target.shape)
+    sums = tok_metrics.sequence_sums
+    terms = {
+        "n_act": act_mask.sum(-1),
+        "sq_err": sums(tok_metrics.squared_error(target, recon), act_mask),
+        "sq_target": sums(tok_metrics.squared_norm(target), act_mask),
+        "sum_target": sums(target, act_mask),
+        "sq_recon": sums(tok_metrics.squared_norm(recon), act_mask),
+        "dot": sums(tok_metrics.dot(target, recon), act_mask),
+        "cossim": sums(tok_metrics.cosine(target, recon), act_mask),
+        "l2_ratio": sums(tok_metrics.norm_ratio(target, recon), act_mask),
+    }
+    feats = rec["feats"]
+    if feats is not None:
+        terms["l0"] = sums(tok_metrics.active_count(feats), act_mask)
+        terms["feature_counts"] = sums((feats != 0).to(torch.float32), act_mask)
+    return terms
+
+
+def check_requests(model: HookedTransformer, requests: Sequence) -> None:
+    """Request keys are unique and every dictionary's hooks exist in the model (token and
+    task requests alike: anything with `key` and `dictionaries`)."""
+    keys = [r.key for r in requests]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"request keys must be unique; got {keys}")
+    for request in requests:
+        for d in request.dictionaries:
+            for hook in (d.read_hook, d.write_hook):
+                if hook not in model.hook_dict:
+                    raise ValueError(f"{request.key}: dictionary {d.name!r} uses hook {hook!r}, "
+                                     "which the model does not have")

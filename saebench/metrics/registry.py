@@ -1,0 +1,339 @@
+"""The metric registry: each metric's terms, aggregation and direction.
+
+As in lm-evaluation-harness, a metric is a name, an aggregation and `higher_is_better`.
+Every metric here is a function of *terms*: per-sequence sums (float64) that the engine
+produces. `aggregate` receives each term already summed over sequences, possibly with
+leading bootstrap dimensions (a scalar term [...], a vector term [..., k]) and returns [...];
+that is what makes a paired bootstrap over sequences one matrix product (`saebench.stats`).
+Every value is a ratio of pooled sums (e.g. mean CE = Σ CE / Σ n_pred), never a mean of
+per-sequence ratios.
+
+    >>> m = get_metric("ce_loss_recovered")
+    >>> m.terms({"ablation": "mean"})
+    ('n_pred', 'ce_clean', 'ce_spliced', 'ce_mean')
+    >>> m.aggregate({k: v.sum(0) for k, v in terms.items()}, {"ablation": "mean"})
+
+Term names (the contract with the engine; all float64 per-sequence sums):
+
+- downstream: over prediction positions (input token not special, and a next token exists;
+  the CE mask is `mask[:, :-1]`): `n_pred` (count), `ce_clean`, `ce_spliced`, `ce_zero`,
+  `ce_mean` (sums of per-token CE); over every position whose input token is not special
+  (the last one too, as sae_lens does): `n_kl` (count), `kl_spliced`, `kl_zero`, `kl_mean`
+  (sums of per-token KL(clean ‖ variant)).
+- reconstruction, over activation positions (input token not special): `n_act` (count),
+  `l0`, `sq_err`, `sq_target`, `sum_target` (width d), `sq_recon`, `dot`, `cossim`,
+  `l2_ratio`, `feature_counts` (width d_sae: positions where each feature is active).
+
+Options: `ablation` ("zero" or "mean", default "zero") and `dense_threshold` (default 0.01).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any
+
+from torch import Tensor
+
+Terms = Mapping[str, Tensor]
+Options = Mapping[str, Any]
+
+ABLATIONS = ("zero", "mean")
+KINDS = ("downstream", "reconstruction", "task")
+COUNT_TERMS = {"downstream": "n_pred", "reconstruction": "n_act", "task": "n_prompts"}
+DOWNSTREAM_TERMS = ("n_pred", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
+                    "n_kl", "kl_spliced", "kl_zero", "kl_mean", "kl_eps_iso", "kl_eps_cov")
+RECONSTRUCTION_TERMS = ("n_act", "l0", "sq_err", "sq_target", "sum_target", "sq_recon", "dot",
+                        "cossim", "l2_ratio", "feature_counts")
+VECTOR_TERMS = ("sum_target", "feature_counts")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One aggregate metric: which terms it needs, how it reduces them, which way is better.
+
+    `terms(options)` names the terms needed; `aggregate(summed, options)` and, for ratio
+    metrics, `denominator(summed, options)` map summed terms [...] / [..., k] to [...].
+    `denominator_name` says in words what the denominator is (for "unstable" verdicts);
+    `parts_of(summed, options)` gives the raw quantities a reader needs to audit the value.
+    `kind` is "downstream" (clean/spliced/ablated passes) or "reconstruction" (activations).
+    `bootstrap=False` marks a statistic that resampling sequences misrepresents (no interval).
+    `count` names the term counting the positions averaged over, when it is not the kind's
+    default (n_pred for downstream, n_act for reconstruction).
+    """
+
+    name: str
+    terms: Callable[[Options], tuple[str, ...]]
+    aggregate: Callable[[Terms, Options], Tensor]
+    higher_is_better: bool
+    description: str
+    kind: str
+    denominator: Callable[[Terms, Options], Tensor] | None = None
+    denominator_name: str = ""
+    parts_of: Callable[[Terms, Options], Mapping[str, Tensor]] | None = None
+    bootstrap: bool = True
+    count: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"metric {self.name!r}: kind must be one of {KINDS}, "
+                             f"got {self.kind!r}")
+
+    @property
+    def count_term(self) -> str:
+        """The term counting the positions this metric averages over."""
+        return self.count or COUNT_TERMS[self.kind]
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric, *, replace: bool = False) -> Metric:
+    """Add `metric` to `METRICS`; re-registering a name needs `replace=True`."""
+    if metric.name in METRICS and not replace:
+        raise ValueError(f"metric {metric.name!r} is already registered")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def metric_names() -> list[str]:
+    """Registered metric names, in registration order."""
+    return list(METRICS)
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric called `name`; a KeyError listing the known names otherwise."""
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; known metrics: "
+                       f"{', '.join(METRICS)}") from None
+
+
+def parts(metric: Metric, summed_terms: Terms, options: Options) -> dict[str, float]:
+    """The raw quantities behind a value (e.g. CE clean/spliced/ablated per token), as floats.
+
+    `summed_terms` are summed over sequences without leading dimensions. A ratio without
+    its parts cannot be audited; reports store these next to the value.
+    """
+    out: dict[str, float] = {}
+    if metric.count_term in summed_terms:
+        out[metric.count_term] = float(summed_terms[metric.count_term])
+    if metric.parts_of is not None:
+        out.update({k: float(v) for k, v in metric.parts_of(summed_terms, options).items()})
+    if metric.denominator is not None:
+        out["denominator"] = float(metric.denominator(summed_terms, options))
+    return out
+
+
+def choice(options: Options, name: str, allowed: Iterable[str], label: str | None = None) -> str:
+    """Option `name` validated against `allowed`, whose first entry is the default.
+
+        >>> choice({}, "ablation", ABLATIONS)
+        'zero'
+    """
+    allowed = tuple(allowed)
+    value = options.get(name, allowed[0])
+    if value not in allowed:
+        raise ValueError(f"unknown {label or name} {value!r}; choose from {', '.join(allowed)}")
+    return value
+
+
+def ablation_kind(options: Options) -> str:
+    """The `ablation` option ("zero" by default), validated."""
+    return choice(options, "ablation", ABLATIONS, "ablation kind")
+
+
+def dense_threshold(options: Options) -> float:
+    """The `dense_threshold` option (0.01 by default), validated to lie in [0, 1]."""
+    value = options.get("dense_threshold", 0.01)
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
+        raise ValueError(f"dense_threshold must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _per(s: Terms, name: str, count: str) -> Tensor:
+    return s[name] / s[count]
+
+
+def _fixed(*names: str) -> Callable[[Options], tuple[str, ...]]:
+    return lambda options: names
+
+
+def _ce_abl(s: Terms, o: Options) -> Tensor:
+    return s[f"ce_{ablation_kind(o)}"]
+
+
+def _kl_abl(s: Terms, o: Options) -> Tensor:
+    return s[f"kl_{ablation_kind(o)}"]
+
+
+def _variance(s: Terms) -> Tensor:
+    """Σ‖target − mean‖² over positions = Σ‖target‖² − ‖Σ target‖²/n."""
+    return s["sq_target"] - s["sum_target"].pow(2).sum(-1) / s["n_act"]
+
+
+def _dense_terms(o: Options) -> tuple[str, ...]:
+    dense_threshold(o)
+    return ("n_act", "feature_counts")
+
+
+register_metric(Metric(
+    name="ce_loss_recovered",
+    terms=lambda o: ("n_pred", "ce_clean", "ce_spliced", f"ce_{ablation_kind(o)}"),
+    aggregate=lambda s, o: (_ce_abl(s, o) - s["ce_spliced"]) / (_ce_abl(s, o) - s["ce_clean"]),
+    higher_is_better=True,
+    description="(CE_abl − CE_spliced) / (CE_abl − CE_clean), CE = mean next-token cross-entropy "
+                "over prediction positions; 1 = as good as the clean model, 0 = as bad as "
+                "ablating the site (option `ablation`: zero or mean). Ratio of pooled means.",
+    kind="downstream",
+    denominator=lambda s, o: (_ce_abl(s, o) - s["ce_clean"]) / s["n_pred"],
+    denominator_name="CE_abl − CE_clean (nats/token)",
+    parts_of=lambda s, o: {"ce_clean": _per(s, "ce_clean", "n_pred"),
+                           "ce_spliced": _per(s, "ce_spliced", "n_pred"),
+                           "ce_abl": _ce_abl(s, o) / s["n_pred"]},
+))
+
+register_metric(Metric(
+    name="delta_ce",
+    terms=_fixed("n_pred", "ce_clean", "ce_spliced"),
+    aggregate=lambda s, o: (s["ce_spliced"] - s["ce_clean"]) / s["n_pred"],
+    higher_is_better=False,
+    description="CE_spliced − CE_clean in nats per token: the loss increase from splicing, "
+                "with no ablation baseline to flatter it.",
+    kind="downstream",
+    parts_of=lambda s, o: {"ce_clean": _per(s, "ce_clean", "n_pred"),
+                           "ce_spliced": _per(s, "ce_spliced", "n_pred")},
+))
+
+register_metric(Metric(
+    name="kl_div",
+    terms=_fixed("n_kl", "kl_spliced"),
+    aggregate=lambda s, o: s["kl_spliced"] / s["n_kl"],
+    higher_is_better=False,
+    description="Mean per-token KL(p_clean ‖ p_spliced) in nats, both sides via log_softmax.",
+    kind="downstream",
+    count="n_kl",
+))
+
+register_metric(Metric(
+    name="kl_div_score",
+    terms=lambda o: ("n_kl", "kl_spliced", f"kl_{ablation_kind(o)}"),
+    aggregate=lambda s, o: (_kl_abl(s, o) - s["kl_spliced"]) / _kl_abl(s, o),
+    higher_is_better=True,
+    description="(KL_abl − KL_spliced) / KL_abl with KL = mean KL(p_clean ‖ p_variant); 1 = "
+                "clean distribution recovered, 0 = as far off as ablating the site. Ratio of "
+                "pooled means.",
+    kind="downstream",
+    denominator=lambda s, o: _kl_abl(s, o) / s["n_kl"],
+    denominator_name="KL_abl (nats/token)",
+    parts_of=lambda s, o: {"kl_spliced": _per(s, "kl_spliced", "n_kl"),
+                           "kl_abl": _kl_abl(s, o) / s["n_kl"]},
+    count="n_kl",
+))
+
+register_metric(Metric(
+    name="l0",
+    terms=_fixed("n_act", "l0"),
+    aggregate=lambda s, o: s["l0"] / s["n_act"],
+    higher_is_better=False,
+    description="Mean number of active (nonzero) features per position. A sparsity budget: "
+                "lower is sparser, but a useful threshold usually bounds it on both sides.",
+    kind="reconstruction",
+))
+
+register_metric(Metric(
+    name="explained_variance",
+    terms=_fixed("n_act", "sq_err", "sq_target", "sum_target"),
+    aggregate=lambda s, o: 1 - s["sq_err"] / _variance(s),
+    higher_is_better=True,
+    description="1 − E‖target − x̂‖² / (E‖target‖² − ‖E target‖²): the centred form (variance "
+                "about the mean), not the uncentred E‖target‖² that SAEBench still uses and that "
+                "inflates the score when activations have a large mean (that value is in the "
+                "parts as `explained_variance_uncentred`).",
+    kind="reconstruction",
+    denominator=lambda s, o: _variance(s) / s["n_act"],
+    denominator_name="centred variance E‖target‖² − ‖E target‖² (per position)",
+    parts_of=lambda s, o: {"sq_err_per_position": _per(s, "sq_err", "n_act"),
+                           "variance_per_position": _variance(s) / s["n_act"],
+                           "explained_variance_uncentred": 1 - s["sq_err"] / s["sq_target"]},
+))
+
+register_metric(Metric(
+    name="mse",
+    terms=_fixed("n_act", "sq_err", "sum_target"),
+    aggregate=lambda s, o: s["sq_err"] / (s["n_act"] * s["sum_target"].shape[-1]),
+    higher_is_better=False,
+    description="Mean squared error per element, E‖target − x̂‖² / d. sae_lens' `mse` is the "
+                "per-position sum over dimensions, E‖target − x̂‖² = d × this (older sae_lens "
+                "releases also divided by the batch's token count, making it batch-size "
+                "dependent); that value is in the parts as `sq_err_per_position`.",
+    kind="reconstruction",
+    parts_of=lambda s, o: {"sq_err_per_position": _per(s, "sq_err", "n_act"),
+                           "d": s["sq_err"].new_tensor(s["sum_target"].shape[-1])},
+))
+
+register_metric(Metric(
+    name="cossim",
+    terms=_fixed("n_act", "cossim"),
+    aggregate=lambda s, o: s["cossim"] / s["n_act"],
+    higher_is_better=True,
+    description="Mean cosine similarity between target and reconstruction (0 at positions "
+                "where either is the zero vector).",
+    kind="reconstruction",
+))
+
+register_metric(Metric(
+    name="l2_ratio",
+    terms=_fixed("n_act", "l2_ratio"),
+    aggregate=lambda s, o: s["l2_ratio"] / s["n_act"],
+    higher_is_better=True,
+    description="Mean ‖x̂‖ / ‖target‖ (‖target‖ < 1e-4 divides by 1, as in sae_lens). Closer to "
+                "1 is better: < 1 is shrinkage, > 1 overshoot; `higher_is_better` only marks "
+                "the usual failure, shrinkage, so threshold it on both sides.",
+    kind="reconstruction",
+))
+
+register_metric(Metric(
+    name="relative_reconstruction_bias",
+    terms=_fixed("n_act", "sq_recon", "dot"),
+    aggregate=lambda s, o: s["sq_recon"] / s["dot"],
+    higher_is_better=True,
+    description="E‖x̂‖² / E⟨target, x̂⟩ pooled over all positions (= c when x̂ = c·target; < 1 is "
+                "shrinkage, closer to 1 is better). sae_lens computes it per batch and averages "
+                "the batch ratios, which differs slightly.",
+    kind="reconstruction",
+    denominator=lambda s, o: s["dot"] / s["n_act"],
+    denominator_name="E⟨target, x̂⟩ (per position)",
+    parts_of=lambda s, o: {"sq_recon_per_position": _per(s, "sq_recon", "n_act"),
+                           "dot_per_position": _per(s, "dot", "n_act")},
+))
+
+register_metric(Metric(
+    name="dead_fraction",
+    terms=_fixed("n_act", "feature_counts"),
+    aggregate=lambda s, o: (s["feature_counts"] == 0).to(s["n_act"].dtype).mean(-1),
+    higher_is_better=False,
+    description="Share of features never active on the evaluated positions (an overestimate "
+                "of truly dead features on a small sample). No bootstrap interval: a resample "
+                "of sequences holds fewer distinct tokens, so it sees more features as dead and "
+                "its interval would lie above the value.",
+    kind="reconstruction",
+    bootstrap=False,
+    parts_of=lambda s, o: {"n_features": s["n_act"].new_tensor(s["feature_counts"].shape[-1]),
+                           "n_dead": (s["feature_counts"] == 0).sum(-1)},
+))
+
+register_metric(Metric(
+    name="dense_fraction",
+    terms=_dense_terms,
+    aggregate=lambda s, o: (s["feature_counts"] / s["n_act"][..., None] > dense_threshold(o))
+    .to(s["n_act"].dtype).mean(-1),
+    higher_is_better=False,
+    description="Share of features active on more than `dense_threshold` (default 0.01) of the "
+                "evaluated positions.",
+    kind="reconstruction",
+    parts_of=lambda s, o: {"n_features": s["n_act"].new_tensor(s["feature_counts"].shape[-1]),
+                           "dense_threshold": s["n_act"].new_tensor(dense_threshold(o))},
+))

@@ -1,0 +1,544 @@
+"""Suite specs to live objects: the model, the token set, dictionaries and task prompts.
+
+This is the bridge the pytest plugin calls after `saebench.suite.load_suite`: zoo specs
+delegate to `saebench.loading`, local paths are loaded from disk, and hub names go through
+TransformerLens, sae_lens and `datasets`. Relative paths resolve against the suite file's
+directory.
+
+    >>> model = resolve_model(suite.model, device="cpu", dtype=torch.float32,
+    ...                       suite_path=suite.path, dictionaries=suite.dictionaries.values())
+    >>> tokens = resolve_tokens(suite.data, model, suite_path=suite.path)
+    >>> spec = suite.dictionaries["resid-L2-topk16"]
+    >>> d = adapt(spec, resolve_dictionary(spec, device="cpu", suite_path=suite.path))
+
+A download that is needed and fails (offline, missing, gated) raises `HubUnavailable`,
+naming the suite entry and what was being fetched; nothing here sets environment
+variables, so `HF_HUB_OFFLINE=1` (set by the user) makes such failures immediate.
+Bad local input raises `SuiteError` (a ValueError) at the entry's line when the suite
+path and line are known, else a ValueError; both name the offending file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import datasets
+import httpx
+import torch
+from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import (
+    PretrainedSAELookup,
+    get_pretrained_saes_directory,
+)
+from sae_lens.tokenization_and_batching import concat_and_batch_sequences
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from saebench import loading, splice
+from saebench.suite import DataSpec, DictionarySpec, ModelSpec, SuiteError, TaskSpec
+from saebench.zoo import paths
+from saebench.zoo.model import load_model
+from saebench.zoo.tokenizer import load_tokenizer
+
+# What huggingface_hub, transformers, datasets and sae_lens raise when a download fails: an
+# OSError (connection, offline mode, missing entry, gated or unknown repo), an httpx error
+# raised outside huggingface_hub's wrappers, or a `datasets` error (e.g. a defunct dataset).
+_HUB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, httpx.HTTPError, datasets.exceptions.DatasetsError)
+_HUB_HINT = ("run once with network access (gated repos also need a token: `hf auth login`) "
+             "to fill the local cache; HF_HUB_OFFLINE=1 then loads from the cache only")
+# TransformerLens' processing flags for HF checkpoint directories; all off by default, as in
+# `HookedTransformer.from_pretrained_no_processing`.
+_PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+               "refactor_factored_attn_matrices")
+_TEXT_SUFFIXES = (".txt", ".jsonl")
+_DATA_FIELDS = {"path": "data.source.path", "hf": "data.source.hf"}
+_Fail = Callable[[str], ValueError]  # builds the located error for a data problem
+
+
+class HubUnavailable(RuntimeError):
+    """A hub download was needed and failed (offline, not found, gated).
+
+    The message names the suite entry (`file:line: field`) and what was being fetched; the
+    pytest plugin turns it into a skip with this reason.
+    """
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _where(suite_path: Path | None, line: int, field: str) -> str:
+    """`suite.yaml:12: field`, `suite.yaml: field` or `field`, as much as is known."""
+    if suite_path is None:
+        return field
+    return f"{suite_path}:{line}: {field}" if line else f"{suite_path}: {field}"
+
+
+def _error(suite_path: Path | None, line: int, field: str, message: str) -> ValueError:
+    """A SuiteError at the entry when its line is known, else a located ValueError."""
+    if suite_path is not None and line:
+        return SuiteError(str(suite_path), line, field, message)
+    return ValueError(f"{_where(suite_path, line, field)}: {message}")
+
+
+def _local(path: str, suite_path: Path | None) -> Path:
+    """`path`, relative to the suite file's directory when it is relative."""
+    resolved = Path(path).expanduser()
+    if not resolved.is_absolute() and suite_path is not None:
+        resolved = Path(suite_path).parent / resolved
+    return resolved
+
+
+def _first_line(err: BaseException) -> str:
+    """`ErrorType: first line of its message`."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@contextmanager
+def _hub(where: str, what: str) -> Iterator[None]:
+    """Turn a failed download inside the block into HubUnavailable naming `where` and `what`."""
+    try:
+        yield
+    except (*_HUB_ERRORS, ValueError) as err:
+        if isinstance(err, ValueError) and "offline" not in str(err).lower():
+            raise
+        raise HubUnavailable(f"{where}: could not download {what} from the Hugging Face Hub "
+                             f"({_first_line(err)}); {_HUB_HINT}") from err
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    """`; close matches: a, b` for the choices close to `word`, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.6)
+    return f"; close matches: {', '.join(close)}" if close else ""
+
+
+# ---------------------------------------------------------------------------- releases
+
+def _release_lookup(release: str, sae_id: str) -> PretrainedSAELookup | None:
+    """The sae_lens pretrained-directory entry for `release`, checked to hold `sae_id`.
+
+    None for a release that is a Hugging Face repo id (`owner/name`) outside the directory,
+    which sae_lens loads directly. Unknown names raise ValueError with close matches.
+    """
+    directory = get_pretrained_saes_directory()
+    lookup = directory.get(release)
+    if lookup is None:
+        if "/" in release:
+            return None
+        raise ValueError(f"unknown sae_lens release {release!r}{_suggest(release, directory)} "
+                         f"(sae_lens knows {len(directory)} releases; a Hugging Face repo id "
+                         "such as 'owner/name' is also accepted)")
+    if sae_id not in lookup.saes_map:
+        ids = list(lookup.saes_map)
+        hint = _suggest(sae_id, ids) or f"; first ids: {', '.join(ids[:5])}"
+        raise ValueError(f"release {release!r} has no sae_id {sae_id!r}{hint} "
+                         f"({len(ids)} ids in all)")
+    return lookup
+
+
+def model_kwargs_for_release(release: str, sae_id: str) -> dict:
+    """The `model_from_pretrained_kwargs` sae_lens' pretrained directory lists for a release.
+
+    Read offline from the directory's `config_overrides` (e.g. `{"center_writing_weights":
+    True}` for gpt2-small-res-jb): the processing the SAEs were trained with, to load the
+    model with. Releases that keep these kwargs only in their hub `cfg.json` give `{}` here
+    (after a download they are in `sae.cfg.metadata.model_from_pretrained_kwargs`).
+
+        >>> model_kwargs_for_release("gpt2-small-res-jb", "blocks.0.hook_resid_pre")
+        {'center_writing_weights': True}
+    """
+    lookup = _release_lookup(release, sae_id)
+    overrides = (lookup.config_overrides if lookup is not None else None) or {}
+    return dict(overrides.get("model_from_pretrained_kwargs") or {})
+
+
+def _release_model_kwargs(dictionaries: Iterable[DictionarySpec]) -> dict:
+    """The merged model kwargs of every release dictionary; disagreements are errors."""
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for spec in dictionaries:
+        if spec.kind != "release" or spec.release is None or spec.sae_id is None:
+            continue
+        for key, value in model_kwargs_for_release(spec.release, spec.sae_id).items():
+            if key in merged and merged[key] != value:
+                raise ValueError(f"dictionaries {source[key]!r} and {spec.name!r} expect the "
+                                 f"model loaded with {key}={merged[key]!r} and {key}={value!r}; "
+                                 "evaluate them in separate suites")
+            merged[key] = value
+            source.setdefault(key, spec.name)
+    return merged
+
+
+# ---------------------------------------------------------------------------- model
+
+def resolve_model(
+    spec: ModelSpec,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    suite_path: Path | None = None,
+    dictionaries: Iterable[DictionarySpec] = (),
+) -> HookedTransformer:
+    """The suite's model, in eval mode on `device`.
+
+    - `zoo`: the packaged zoo model (`loading.load_zoo_model`).
+    - `transformer_lens`: `HookedTransformer.from_pretrained_no_processing(name, device,
+      dtype, **kwargs)`, the way sae_lens and SAEBench load models for their SAEs, where
+      kwargs are the `model_from_pretrained_kwargs` of the suite's release `dictionaries`
+      (e.g. center_writing_weights for gpt2-small-res-jb) updated by the suite's own
+      `from_pretrained_kwargs`. Downloads; HubUnavailable when that fails.
+    - `path`, a local directory, one of: a zoo (with `manifest.json`, as `saebench zoo build`
+      writes); a TransformerLens config directory (`config.json` with HookedTransformerConfig
+      fields + `model.safetensors`, tokenizer files in `tokenizer/` or beside them), loaded
+      as saved; or a Hugging Face checkpoint (`save_pretrained` of a causal LM and its
+      tokenizer), converted by TransformerLens from the directory's own config without
+      any download. Kwargs in `_PROCESSING` (all off by default) choose TransformerLens'
+      weight processing; the others go to its config.
+    """
+    where = _where(suite_path, 0, "model")
+    if spec.kind == "zoo":
+        return loading.load_zoo_model(device, dtype)
+    if spec.kind == "path":
+        return _load_model_dir(_local(spec.path or "", suite_path), spec.kwargs, device, dtype,
+                               where)
+    if spec.kind != "transformer_lens" or not spec.name:
+        raise ValueError(f"{where}: unknown model kind {spec.kind!r} (or no name)")
+    aliases = tl_loading.make_model_alias_map()
+    if spec.name.lower() not in aliases:
+        raise ValueError(f"{where}: {spec.name!r} is not a TransformerLens model name"
+                         f"{_suggest(spec.name, aliases)}; for a local "
+                         "checkpoint use model: {path: dir}")
+    try:
+        kwargs = {**_release_model_kwargs(dictionaries), **spec.kwargs}
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    with _hub(where, f"TransformerLens model {spec.name!r}"):
+        model = HookedTransformer.from_pretrained_no_processing(
+            spec.name, device=str(device), dtype=dtype, **kwargs)
+    return model.eval()
+
+
+def _load_model_dir(directory: Path, kwargs: dict, device: str | torch.device,
+                    dtype: torch.dtype, where: str) -> HookedTransformer:
+    """A local model directory: a zoo, a TransformerLens config dir or an HF checkpoint."""
+    if not directory.is_dir():
+        raise ValueError(f"{where}: model directory {directory} does not exist")
+    if (directory / paths.MANIFEST).is_file():
+        if kwargs:
+            raise ValueError(f"{where}: {directory} is a zoo, whose model takes no "
+                             "from_pretrained_kwargs")
+        return loading.load_zoo_model(device, dtype, zoo=directory)
+    config_file = directory / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{where}: {config_file}: cannot read the model config "
+                         f"({_first_line(err)}); expected a zoo, a TransformerLens config "
+                         "directory or a Hugging Face checkpoint") from None
+    hf_checkpoint = "architectures" in config or "model_type" in config
+    if kwargs and not hf_checkpoint:
+        raise ValueError(f"{where}: {directory} holds a TransformerLens config, loaded as "
+                         f"saved; it takes no from_pretrained_kwargs (got {sorted(kwargs)})")
+    try:
+        if hf_checkpoint:
+            return _load_hf_checkpoint(directory, kwargs, device, dtype)
+        tokenizer_dir = directory / "tokenizer"
+        if not tokenizer_dir.is_dir():
+            tokenizer_dir = directory
+        return load_model(directory, load_tokenizer(tokenizer_dir), device, dtype).eval()
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise ValueError(f"{where}: {directory}: cannot load the model "
+                         f"({_first_line(err)})") from err
+
+
+def _load_hf_checkpoint(directory: Path, kwargs: dict, device: str | torch.device,
+                        dtype: torch.dtype) -> HookedTransformer:
+    """A Hugging Face causal-LM checkpoint directory, converted by TransformerLens offline.
+
+    `HookedTransformer.from_pretrained` needs an official model name and fetches that
+    model's config; TransformerLens' loaders also take a local directory, so this follows
+    `from_pretrained_no_processing` with the directory's own config instead.
+    """
+    processing = {key: bool(kwargs.get(key, False)) for key in _PROCESSING}
+    rest = {k: v for k, v in kwargs.items() if k not in _PROCESSING}
+    hf_model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype,
+                                                    local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    cfg = tl_loading.get_pretrained_model_config(
+        str(directory), fold_ln=processing["fold_ln"], device=str(device), dtype=dtype, **rest)
+    state = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state, **processing)
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- tokens
+
+def resolve_tokens(spec: DataSpec, model: HookedTransformer, *,
+                   suite_path: Path | None = None) -> torch.Tensor:
+    """The token set, a LongTensor [n_seq, context].
+
+    - `zoo`: the zoo's held-out rows; a smaller `context` keeps each row's first columns.
+    - `path`: token ids in `.safetensors` (key "tokens") or `.pt` (a tensor, or a dict with
+      "tokens"; `torch.load(weights_only=True)`): rows [n, L] are used as they are (a smaller
+      `context` keeps the first columns), a flat stream [N] is cut into rows of `context`;
+      no BOS is added. Text in `.txt` (documents separated by blank lines) or `.jsonl`
+      (field `column`, default "text") is tokenized with `model.tokenizer` and packed like
+      sae_lens packs text: documents joined with BOS separators into rows of `context`,
+      each row starting with BOS.
+    - `hf`: `datasets.load_dataset(hf, split=split, streaming=True)`, documents taken in
+      order from `column` until `n_tokens` are packed (the same layout); needs `n_tokens`.
+
+    `context` defaults to the row length of a token file, else the model's n_ctx. With
+    `n_tokens`, the first `n_tokens // context` rows are kept, in order (the seed does not
+    select rows, so a smaller token set is a prefix of a larger one); asking for more rows
+    than the source has is an error.
+    """
+    field = _DATA_FIELDS.get(spec.kind, "data")
+
+    def fail(message: str) -> ValueError:
+        return _error(suite_path, spec.line, field, message)
+
+    n_ctx = int(model.cfg.n_ctx)
+    if spec.context is not None and spec.context > n_ctx:
+        raise fail(f"context {spec.context} is longer than the model's n_ctx ({n_ctx})")
+    if spec.kind == "zoo":
+        tokens = _rows(loading.load_heldout_tokens(), spec, "the zoo's held-out tokens", fail)
+        return _check_vocab(tokens, model, "the zoo's held-out tokens", fail)
+    if spec.kind == "hf":
+        return _hf_tokens(spec, model, _where(suite_path, spec.line, field), fail)
+    if spec.kind != "path" or not spec.path:
+        raise fail(f"unknown data kind {spec.kind!r} (or no path)")
+    path = _local(spec.path, suite_path)
+    if not path.is_file():
+        raise fail(f"{path}: token file not found")
+    if path.suffix in _TEXT_SUFFIXES:
+        documents = (_text_documents(path) if path.suffix == ".txt"
+                     else _jsonl_documents(path, spec.column or "text", fail))
+        return _pack(documents, model, spec, str(path), fail)
+    tokens = _check_vocab(_read_token_file(path, fail), model, str(path), fail)
+    if tokens.dim() == 1:
+        context = spec.context or n_ctx
+        tokens = tokens[: tokens.numel() // context * context].view(-1, context)
+    elif spec.context is None and tokens.shape[1] > n_ctx:
+        raise fail(f"{path}: rows of {tokens.shape[1]} tokens are longer than the model's "
+                   f"n_ctx ({n_ctx}); set data.context to use their first columns")
+    return _rows(tokens, spec, str(path), fail)
+
+
+def _check_vocab(tokens: torch.Tensor, model: HookedTransformer, source: str, fail: _Fail
+                 ) -> torch.Tensor:
+    """`tokens`, checked to be ids in the model's vocabulary."""
+    if tokens.numel():
+        low, high, d_vocab = int(tokens.min()), int(tokens.max()), int(model.cfg.d_vocab)
+        if low < 0 or high >= d_vocab:
+            raise fail(f"{source}: token ids range over [{low}, {high}], outside the model's "
+                       f"vocabulary [0, {d_vocab})")
+    return tokens
+
+
+def _read_token_file(path: Path, fail: _Fail) -> torch.Tensor:
+    """The token ids in a .safetensors or .pt file, as a 1-D or 2-D LongTensor."""
+    try:
+        if path.suffix == ".safetensors":
+            content: Any = load_file(str(path))
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError) as err:
+        raise fail(f"{path}: cannot read token ids ({_first_line(err)})") from None
+    if isinstance(content, dict):
+        if "tokens" not in content:
+            raise fail(f"{path}: no 'tokens' entry (found: {', '.join(map(str, content))})")
+        content = content["tokens"]
+    if not isinstance(content, torch.Tensor):
+        raise fail(f"{path}: expected a tensor of token ids, got {type(content).__name__}")
+    if content.dtype == torch.bool or content.dtype.is_floating_point or content.dtype.is_complex:
+        raise fail(f"{path}: token ids must be integers, got dtype {content.dtype}")
+    if content.dim() not in (1, 2):
+        raise fail(f"{path}: expected token ids [n_seq, context] or a flat stream [n], got "
+                   f"shape {list(content.shape)}")
+    return content.long()
+
+
+def _rows(tokens: torch.Tensor, spec: DataSpec, source: str, fail: _Fail) -> torch.Tensor:
+    """`tokens` [n, L] cut to `spec.context` columns and its first `n_tokens // context` rows."""
+    width = tokens.shape[1]
+    context = spec.context or width
+    if context > width:
+        raise fail(f"context {context} is longer than the rows of {source} ({width})")
+    tokens = tokens[:, :context]
+    if spec.n_tokens is not None:
+        n_rows = spec.n_tokens // context
+        if n_rows == 0:
+            raise fail(f"n_tokens {spec.n_tokens} is less than one row of {context} tokens")
+        if n_rows > tokens.shape[0]:
+            raise fail(f"n_tokens {spec.n_tokens} needs {n_rows} rows of {context} tokens, but "
+                       f"{source} has {tokens.shape[0]}")
+        tokens = tokens[:n_rows]
+    if tokens.shape[0] == 0:
+        raise fail(f"{source} holds less than one row of {context} tokens")
+    return tokens.contiguous()
+
+
+def _text_documents(path: Path) -> Iterator[str]:
+    """The blank-line-separated documents of a text file."""
+    for block in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8")):
+        if block.strip():
+            yield block.strip()
+
+
+def _jsonl_documents(path: Path, column: str, fail: _Fail) -> Iterator[str]:
+    """The `column` field of each row of a JSONL file, checked row by row."""
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise fail(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(column), str):
+                raise fail(f"{path}:{number}: expected an object with a string field "
+                           f"{column!r}")
+            yield record[column]
+
+
+def _pack(documents: Iterable[str], model: HookedTransformer, spec: DataSpec, source: str,
+          fail: _Fail) -> torch.Tensor:
+    """Tokenize documents lazily and pack them as sae_lens does, stopping at `n_tokens`.
+
+    `concat_and_batch_sequences` puts BOS at the start of every row and between documents.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None or tokenizer.bos_token_id is None:
+        raise fail(f"{source}: text needs the model's tokenizer with a BOS token to pack rows")
+    context = spec.context or int(model.cfg.n_ctx)
+    token_ids = (model.to_tokens(document, prepend_bos=False, truncate=False,
+                                 move_to_device=False)[0] for document in documents)
+    bos = tokenizer.bos_token_id
+    rows = concat_and_batch_sequences(token_ids, context, begin_batch_token_id=bos,
+                                      sequence_separator_token_id=bos)
+    limit = None if spec.n_tokens is None else spec.n_tokens // context
+    if limit == 0:
+        raise fail(f"n_tokens {spec.n_tokens} is less than one row of {context} tokens")
+    packed = list(itertools.islice(rows, limit))
+    tokens = torch.stack(packed) if packed else torch.empty(0, context)
+    return _rows(tokens.long(), spec, source, fail)
+
+
+def _hf_tokens(spec: DataSpec, model: HookedTransformer, where: str, fail: _Fail
+               ) -> torch.Tensor:
+    """Stream a Hugging Face dataset's documents until `n_tokens` are packed."""
+    if spec.n_tokens is None:
+        raise fail("n_tokens is required for hf: data (the dataset is streamed until that "
+                   "many tokens are packed)")
+    column, split = spec.column or "text", spec.split or "train"
+    what = f"dataset {spec.hf!r} (split {split!r})"
+    with _hub(where, what):
+        rows = iter(datasets.load_dataset(spec.hf, split=split, streaming=True))
+
+    def documents() -> Iterator[str]:
+        while True:
+            with _hub(where, what):
+                row = next(rows, None)
+            if row is None:
+                return
+            if not isinstance(row.get(column), str):
+                raise fail(f"dataset {spec.hf!r} has no text column {column!r} (columns: "
+                           f"{', '.join(row)})")
+            yield row[column]
+
+    return _pack(documents(), model, spec, f"dataset {spec.hf!r}", fail)
+
+
+# ---------------------------------------------------------------------------- dictionaries
+
+def resolve_dictionary(spec: DictionarySpec, *, device: str | torch.device,
+                       suite_path: Path | None = None, allow_factory: bool = False) -> Any:
+    """The object a dictionary entry names, unadapted (see `adapt`).
+
+    - `zoo`: `loading.load_zoo_dictionary(ref, device)`.
+    - `path`: a sae_lens directory (`cfg.json` + `sae_weights.safetensors`, as written by
+      `save_model`), `SAE.load_from_disk`.
+    - `release`: `SAE.from_pretrained(release, sae_id, device)`; names are checked offline
+      against sae_lens' pretrained directory first (ValueError with close matches), then
+      the download may raise HubUnavailable.
+    - `factory`: `"package.module:callable"` imported and called with `args`; this runs
+      code named by the suite, so it is refused unless `allow_factory`.
+    """
+    field = f"dictionaries.{spec.name}"
+    where = _where(suite_path, spec.line, field)
+    if spec.kind == "zoo":
+        return loading.load_zoo_dictionary(spec.ref, device)
+    if spec.kind == "path":
+        directory = _local(spec.ref, suite_path)
+        try:
+            return SAE.load_from_disk(str(directory), device=str(device))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise _error(suite_path, spec.line, field,
+                         f"{directory}: cannot load a sae_lens dictionary ({_first_line(err)}); "
+                         "expected cfg.json + sae_weights.safetensors as SAE.save_model "
+                         "writes them") from err
+    if spec.kind == "release":
+        release, sae_id = spec.release or spec.ref, spec.sae_id or ""
+        try:
+            _release_lookup(release, sae_id)
+        except ValueError as err:
+            raise _error(suite_path, spec.line, field, str(err)) from None
+        with _hub(where, f"SAE {sae_id!r} of release {release!r}"):
+            return SAE.from_pretrained(release, sae_id, device=str(device))
+    if spec.kind == "factory":
+        return _call_factory(spec, allow_factory, suite_path, field)
+    raise _error(suite_path, spec.line, field, f"unknown dictionary kind {spec.kind!r}")
+
+
+def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | None,
+                  field: str) -> Any:
+    """Import `module:callable` and call it with the entry's args."""
+    if not allow_factory:
+        raise _error(suite_path, spec.line, field,
+                     f"factory {spec.ref!r} would run code named in the suite; set "
+                     "allow_factory: true at the top of the suite (or pass "
+                     "allow_factory=True) to allow it")
+    module_name, _, attribute = spec.ref.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as err:
+        raise _error(suite_path, spec.line, field,
+                     f"cannot import factory {spec.ref!r} ({_first_line(err)})") from None
+    if not callable(target):
+        raise _error(suite_path, spec.line, field, f"factory {spec.ref!r} is not callable")
+    return target(**spec.args)
+
+
+def adapt(spec: DictionarySpec, obj: Any) -> splice.Dictionary:
+    """`obj` as a `splice.Dictionary` named after the entry, with its `hook` override."""
+    return splice.as_dictionary(obj, name=spec.name, hook=spec.hook)
+
+
+# ---------------------------------------------------------------------------- tasks
+
+def resolve_task(spec: TaskSpec, *, suite_path: Path | None = None) -> list[loading.TaskPrompt]:
+    """A task's prompts: a zoo task by name, or a JSONL file of prompt/answer/distractor."""
+    try:
+        if spec.kind == "zoo":
+            return loading.load_task(spec.ref)
+        if spec.kind == "path":
+            return loading.load_task_file(_local(spec.ref, suite_path))
+    except (OSError, ValueError) as err:
+        raise _error(suite_path, spec.line, f"tasks.{spec.name}", str(err)) from None
+    raise _error(suite_path, spec.line, f"tasks.{spec.name}", f"unknown task kind {spec.kind!r}")

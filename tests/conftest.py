@@ -1,0 +1,30 @@
+"""Shared fixtures: the packaged zoo, loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saebench import loading
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    """The zoo model on CPU in float32."""
+    return loading.load_zoo_model()
+
+
+@pytest.fixture(scope="session")
+def zoo_manifest() -> dict:
+    """The packaged zoo's manifest."""
+    return loading.zoo_manifest()
+
+
+@pytest.fixture
+def no_grad_one_thread():
+    """No autograd and one torch thread (tiny models run faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        yield
+    torch.set_num_threads(threads)

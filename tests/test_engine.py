@@ -1,0 +1,203 @@
+"""The engine: invariants of the core metrics, and its shortcuts equal the plain passes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from toys import HOOKS, Identity, Scaled, Zero, tiny_model, tokens_for, width
+
+from saebench import engine, evaluate
+from saebench.splice import as_dictionary, splice_hooks
+
+pytestmark = pytest.mark.usefixtures("no_grad_one_thread")
+
+
+def wrap(obj, model, hook):
+    return as_dictionary(obj, hook=hook, d_in=width(model, hook), d_sae=width(model, hook))
+
+
+def values(df) -> dict[str, float]:
+    return {(m if o == "{}" else f"{m}{o}"): v
+            for m, o, v in zip(df["metric"], df["options"], df["value"], strict=True)}
+
+
+def run_metrics(model, dictionaries, tokens, **kwargs):
+    kwargs.setdefault("n_boot", 20)
+    return evaluate(model, dictionaries, tokens, progress=False, **kwargs)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hook=st.sampled_from(HOOKS), layer=st.integers(0, 1), seed=st.integers(0, 5))
+def test_identity_dictionary_recovers_everything(hook, layer, seed):
+    model = tiny_model(seed=seed)
+    hook = hook.format(l=layer)
+    df = run_metrics(model, {"id": wrap(Identity(), model, hook)}, tokens_for(model, 4, seed),
+                     metrics=["ce_loss_recovered", "kl_div", "kl_div_score", "explained_variance",
+                              "mse", "cossim"])
+    v = values(df)
+    assert v['ce_loss_recovered{"ablation": "zero"}'] == pytest.approx(1, abs=1e-5)
+    assert v["kl_div"] == pytest.approx(0, abs=1e-6)
+    assert v["explained_variance"] == pytest.approx(1, abs=1e-9)
+    assert v["mse"] == pytest.approx(0, abs=1e-12)
+    assert v["cossim"] == pytest.approx(1, abs=1e-9)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hook=st.sampled_from(HOOKS), layer=st.integers(0, 1), seed=st.integers(0, 5))
+def test_zero_dictionary_recovers_nothing_under_zero_ablation(hook, layer, seed):
+    model = tiny_model(seed=seed)
+    hook = hook.format(l=layer)
+    df = run_metrics(model, {"zero": wrap(Zero(), model, hook)}, tokens_for(model, 4, seed),
+                     metrics=["ce_loss_recovered", "kl_div_score"])
+    v = values(df)
+    assert v['ce_loss_recovered{"ablation": "zero"}'] == pytest.approx(0, abs=1e-5)
+    assert v['kl_div_score{"ablation": "zero"}'] == pytest.approx(0, abs=1e-5)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hook=st.sampled_from(HOOKS), layer=st.integers(0, 1), seed=st.integers(0, 5))
+def test_error_term_gives_the_clean_model_exactly(hook, layer, seed):
+    model = tiny_model(seed=seed)
+    hook = hook.format(l=layer)
+    df = run_metrics(model, {"lossy": wrap(Scaled(), model, hook)},
+                     tokens_for(model, 4, seed), metrics=["delta_ce", "kl_div"], error_term=True)
+    v = values(df)
+    assert v["delta_ce"] == 0.0
+    assert v["kl_div"] == 0.0
+
+
+@pytest.mark.parametrize("hook", [h.format(l=1) for h in HOOKS])
+def test_results_do_not_depend_on_batch_size(hook):
+    model = tiny_model()
+    tokens = tokens_for(model, 12, 1)
+    dicts = {"lossy": wrap(Scaled(), model, hook)}
+    metrics = ["ce_loss_recovered", "kl_div", "l0", "explained_variance", "cossim"]
+    by_batch = [values(run_metrics(model, {k: wrap(Scaled(), model, hook) for k in dicts},
+                                   tokens, metrics=metrics, batch_size=b)) for b in (1, 5, 12)]
+    for other in by_batch[1:]:
+        for key, value in by_batch[0].items():
+            assert other[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("hook", [h.format(l=1) for h in HOOKS])
+def test_prefix_cached_pass_equals_the_full_pass(hook):
+    model = tiny_model()
+    tokens = tokens_for(model, 3, 2)
+    d = wrap(Scaled(), model, hook)
+    full = model.run_with_hooks(tokens, fwd_hooks=splice_hooks([d]))
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pre"])
+    d = wrap(Scaled(), model, hook)
+    suffix = engine._suffix_pass(model, cache, tokens, 1, splice_hooks([d]))
+    torch.testing.assert_close(suffix, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post",
+                                  "blocks.1.hook_resid_mid"])
+def test_token_independent_ablation_shortcut_equals_the_plain_pass(kind, hook):
+    """Ablating a whole residual stream at every position: one row stands for all."""
+    from saebench.splice import ablation_hooks
+
+    model = tiny_model()
+    tokens = tokens_for(model, 6, 3)
+    options = engine.EngineOptions(special_token_ids=[])
+    means = engine.mean_activations(model, tokens, [hook], options) if kind == "mean" else {}
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre",
+                                                          "blocks.1.hook_resid_pre"])
+    shortcut = engine._ablated_logits(model, cache, tokens, (hook,), kind, means, {})
+    assert shortcut.shape[0] == 1
+    plain = model.run_with_hooks(tokens, fwd_hooks=ablation_hooks(hook, kind,
+                                                                  mean=means.get(hook)))
+    torch.testing.assert_close(shortcut.expand_as(plain), plain, atol=1e-5, rtol=1e-5)
+
+
+def test_shortcut_and_plain_engine_runs_give_the_same_numbers(monkeypatch):
+    model = tiny_model()
+    tokens = tokens_for(model, 8, 4)
+    hook = "blocks.1.hook_resid_pre"
+    metrics = ["ce_loss_recovered", "kl_div_score"]
+    fast = values(run_metrics(model, {"d": wrap(Scaled(), model, hook)}, tokens,
+                              metrics=metrics, ablation=("zero", "mean")))
+    monkeypatch.setattr(engine, "_is_whole_residual", lambda hooks: False)
+    plain = values(run_metrics(model, {"d": wrap(Scaled(), model, hook)}, tokens,
+                               metrics=metrics, ablation=("zero", "mean")))
+    for key, value in fast.items():
+        assert plain[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_several_dictionaries_spliced_together():
+    model = tiny_model()
+    tokens = tokens_for(model, 4, 5)
+    pair = [wrap(Identity(), model, "blocks.0.hook_resid_pre"),
+            wrap(Zero(), model, "blocks.1.hook_mlp_out")]
+    metrics = ["delta_ce", "kl_div"]
+    v = values(run_metrics(model, {"pair": pair}, tokens, metrics=metrics))
+    single = values(run_metrics(model, {"z": wrap(Zero(), model, "blocks.1.hook_mlp_out")},
+                                tokens, metrics=metrics))
+    assert v == pytest.approx(single, rel=1e-5)
+    assert v["kl_div"] > 1e-3
+
+
+def test_all_special_tokens_give_an_empty_verdict_not_a_number():
+    model = tiny_model()
+    tokens = torch.zeros(3, model.cfg.n_ctx, dtype=torch.long)
+    df = evaluate(model, {"id": wrap(Identity(), model, "blocks.0.hook_resid_pre")}, tokens,
+                  ["ce_loss_recovered", "l0"], exclude_special_tokens=[0], progress=False,
+                  n_boot=10)
+    assert set(df["verdict"]) == {"empty"}
+    assert all(math.isnan(v) for v in df["value"])
+
+
+def test_nan_reconstruction_gives_a_nan_verdict():
+    class Broken(Identity):
+        def decode(self, f):
+            return f * float("nan")
+
+    model = tiny_model()
+    df = run_metrics(model, {"nan": wrap(Broken(), model, "blocks.0.hook_resid_pre")},
+                     tokens_for(model, 3, 6), metrics=["ce_loss_recovered", "cossim"])
+    assert set(df["verdict"]) == {"nan"}
+    assert df["reason"].str.len().min() > 0
+
+
+def test_identity_at_a_site_that_barely_matters_is_unstable():
+    """Zero-ablating a near-silent site changes the loss by ~0: the ratio is undefined."""
+    model = tiny_model()
+    hook = "blocks.1.hook_attn_out"
+    model.blocks[1].attn.W_O.data.mul_(1e-7)
+    model.blocks[1].attn.b_O.data.zero_()
+    df = run_metrics(model, {"id": wrap(Scaled(), model, hook)}, tokens_for(model, 8, 7),
+                     metrics=["ce_loss_recovered"])
+    assert df["verdict"].item() == "unstable"
+    assert "CE_abl" in df["reason"].item()
+
+
+def test_request_validation():
+    model = tiny_model()
+    d = wrap(Identity(), model, "blocks.0.hook_resid_pre")
+    with pytest.raises(ValueError, match="unknown ablation"):
+        engine.Request("x", (d,), ablations=("resample",))
+    missing = as_dictionary(Identity(), hook="blocks.7.hook_resid_pre", d_in=16, d_sae=16)
+    with pytest.raises(ValueError, match="does not have"):
+        engine.run(model, tokens_for(model, 2, 0), [engine.Request("x", (missing,))])
+
+
+def test_device_and_dtype_resolution():
+    assert engine.resolve_device("cpu") == torch.device("cpu")
+    assert engine.resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        engine.resolve_dtype("float7")
+
+
+def test_callable_dictionary_skips_feature_metrics_with_a_warning():
+    model = tiny_model()
+    d = as_dictionary(lambda x: 0.5 * x, hook="blocks.0.hook_resid_pre")
+    with pytest.warns(UserWarning, match="l0 skipped"):
+        df = run_metrics(model, {"half": d}, tokens_for(model, 3, 8),
+                         metrics=["ce_loss_recovered", "l0", "cossim"])
+    assert list(df["metric"]) == ["ce_loss_recovered", "cossim"]
+    assert df.set_index("metric").loc["cossim", "value"] == pytest.approx(1.0)

@@ -1,0 +1,187 @@
+"""The pytest plugin end to end: collection ids, verdicts, xfail, reports, resume, xdist."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pandas as pd
+import pytest
+
+pytest_plugins = ["pytester"]
+
+SUITE = """\
+suite: mini
+model: zoo
+data: {source: zoo, n_tokens: 4096}
+dictionaries:
+  good: {zoo: resid-L2-topk16}
+  poor: {zoo: resid-L2-poor}
+defaults:
+  options: {n_boot: 200, batch_size: 16}
+checks:
+  - metric: ce_loss_recovered
+    dictionaries: [good]
+    options: {ablation: zero}
+    threshold: ">= 0.9"
+  - metric: l0
+    dictionaries: [good, poor]
+    threshold: "<= 20"
+  - metric: explained_variance
+    dictionaries: [good]
+    threshold: ">= 0.99"
+  - metric: ce_loss_recovered
+    dictionaries: [poor]
+    options: {ablation: zero}
+    threshold: "ci_low >= 0.9"
+    expect: fail
+"""
+IDS = ["good::ce_loss_recovered[zero]", "good::l0", "poor::l0", "good::explained_variance",
+       "poor::ce_loss_recovered[zero]"]
+
+
+@pytest.fixture
+def suite_dir(pytester):
+    pytester.makefile(".yaml", mini=SUITE)
+    return pytester.path
+
+
+def results(pytester) -> pd.DataFrame:
+    (run_dir,) = (pytester.path / "reports").iterdir()
+    return pd.read_csv(run_dir / "results.csv")
+
+
+def test_collects_one_readable_item_per_check(pytester, suite_dir):
+    out = pytester.runpytest("--collect-only", "-q", "-m", "eval", "mini.yaml")
+    for check_id in IDS:
+        out.stdout.fnmatch_lines([f"mini.yaml::{check_id}"])
+    assert "5 tests collected" in out.stdout.str()
+
+
+def test_verdicts_messages_xfail_and_report(pytester, suite_dir):
+    out = pytester.runpytest("-m", "eval", "mini.yaml", "-p", "no:cacheprovider")
+    out.assert_outcomes(passed=3, failed=1, xfailed=1)
+    out.stdout.fnmatch_lines([
+        "*good::explained_variance: [[]fail[]] explained_variance = 0.9* [[]0.9*, 0.9*[]] "
+        "(n=32) fails >= 0.99*",
+    ])
+    df = results(pytester)
+    assert sorted(df["check_id"]) == sorted(IDS)
+    verdicts = dict(zip(df["check_id"], df["verdict"], strict=True))
+    assert verdicts["poor::ce_loss_recovered[zero]"] == "xfail"
+    assert verdicts["good::explained_variance"] == "fail"
+    assert set(df["run_id"]) == {df["run_id"][0]}
+    (run_dir,) = (pytester.path / "reports").iterdir()
+    report = (run_dir / "report.md").read_text()
+    assert "good::ce_loss_recovered[zero]" in report
+
+
+def test_expect_fail_that_passes_is_a_strict_xpass_failure(pytester):
+    pytester.makefile(".yaml", mini=SUITE.replace('threshold: "ci_low >= 0.9"\n    expect',
+                                                  'threshold: "<= 100"\n    expect'))
+    out = pytester.runpytest("-m", "eval", "mini.yaml", "-k", "poor and ce_loss")
+    out.assert_outcomes(failed=1)
+    out.stdout.fnmatch_lines(["*XPASS(strict)*"])
+
+
+def test_k_selection_computes_only_what_it_needs(pytester, suite_dir):
+    out = pytester.runpytest("-m", "eval", "mini.yaml", "-k", "l0")
+    out.assert_outcomes(passed=2)
+    assert sorted(results(pytester)["check_id"]) == ["good::l0", "poor::l0"]
+
+
+def test_resume_keeps_finished_rows_and_runs_the_rest(pytester, suite_dir):
+    first = pytester.runpytest("-m", "eval", "mini.yaml", "-x")
+    first.assert_outcomes(passed=3, failed=1)
+    (run_dir,) = (pytester.path / "reports").iterdir()
+    before = pd.read_csv(run_dir / "results.csv")
+    assert len(before) == 4
+    second = pytester.runpytest("-m", "eval", "mini.yaml", f"--saebench-resume={run_dir}")
+    second.assert_outcomes(passed=3, failed=1, xfailed=1)
+    after = pd.read_csv(run_dir / "results.csv")
+    assert sorted(after["check_id"]) == sorted(IDS)
+    kept = after.set_index("check_id").loc[before["check_id"], "started_at"]
+    assert list(kept) == list(before["started_at"])
+
+
+def test_last_failed_reruns_only_the_failed_check(pytester, suite_dir):
+    pytester.runpytest("-m", "eval", "mini.yaml").assert_outcomes(passed=3, failed=1,
+                                                                  xfailed=1)
+    out = pytester.runpytest("-m", "eval", "mini.yaml", "--lf")
+    out.assert_outcomes(failed=1, deselected=4)
+    out.stdout.fnmatch_lines(["*good::explained_variance*"])
+
+
+def test_schema_errors_are_collection_errors_naming_file_line_and_field(pytester):
+    pytester.makefile(".yaml", bad=SUITE.replace("metric: l0", "metric: l00"))
+    out = pytester.runpytest("-m", "eval", "bad.yaml")
+    out.stdout.fnmatch_lines(["*bad.yaml:14: checks[[]1[]].metric: *unknown metric*"])
+    assert "Traceback" not in out.stdout.str()
+
+
+def test_hub_suites_are_skipped_with_a_reason_offline(pytester, monkeypatch):
+    from saebench import resolve
+
+    def offline(*args, **kwargs):
+        raise resolve.HubUnavailable("gpt2-small: no network")
+
+    monkeypatch.setattr(resolve, "resolve_model", offline)
+    pytester.makefile(".yaml", hub=textwrap.dedent("""\
+        model: gpt2-small
+        dictionaries:
+          "L{layer}": {release: gpt2-small-res-jb, sae_id: "blocks.{layer}.hook_resid_pre",
+                       for: {layer: "0..1"}}
+        checks:
+          - metric: l0
+            dictionaries: ["L*"]
+            threshold: "<= 100"
+        """))
+    out = pytester.runpytest_inprocess("-m", "eval", "hub.yaml", "-rs")
+    out.assert_outcomes(skipped=2)
+    out.stdout.fnmatch_lines(["*needs a model or dataset hub*no network*"])
+
+
+def test_xdist_gives_the_same_rows_as_a_serial_run(pytester, suite_dir):
+    serial = pytester.runpytest_subprocess("-m", "eval", "mini.yaml",
+                                           "--saebench-report-dir=serial")
+    serial.assert_outcomes(passed=3, failed=1, xfailed=1)
+    parallel = pytester.runpytest_subprocess("-m", "eval", "mini.yaml", "-n", "2",
+                                             "--saebench-report-dir=parallel")
+    parallel.assert_outcomes(passed=3, failed=1, xfailed=1)
+    frames = []
+    for name in ("serial", "parallel"):
+        (run_dir,) = (pytester.path / name).iterdir()
+        df = pd.read_csv(run_dir / "results.csv").set_index("check_id").sort_index()
+        frames.append(df[["metric", "value", "ci_low", "ci_high", "n", "verdict"]])
+        assert (run_dir / "report.md").is_file()
+    pd.testing.assert_frame_equal(frames[0], frames[1], rtol=1e-6)
+
+
+def test_task_checks_write_prompt_and_feature_rows(pytester):
+    pytester.makefile(".yaml", tasks=textwrap.dedent("""\
+        model: zoo
+        data: {source: zoo, n_tokens: 2048}
+        tasks: {quote: {zoo: closing_quote}}
+        dictionaries: {good: {zoo: resid-L2-topk16}}
+        defaults: {options: {n_boot: 100}}
+        checks:
+          - metric: logit_diff_recovered
+            dictionaries: [good]
+            task: quote
+            threshold: ">= 0.8"
+          - metric: feature_ablation
+            dictionaries: [good]
+            task: quote
+            options: {k: 2}
+        """))
+    out = pytester.runpytest("-m", "eval", "tasks.yaml")
+    out.assert_outcomes(passed=2)
+    (run_dir,) = (pytester.path / "reports").iterdir()
+    prompts = pd.read_csv(run_dir / "per_prompt.csv")
+    assert {"ld_clean", "ld_spliced", "ld_zero"} <= set(prompts["quantity"])
+    assert all(q.startswith("ld_") for q in prompts["quantity"])
+    assert prompts["prompt_index"].nunique() == 300
+    features = pd.read_csv(run_dir / "features.csv")
+    assert len(features) == 2 and set(features["check_id"]) == {
+        "good::feature_ablation[quote,k=2]"}
+    report = (run_dir / "report.md").read_text()
+    assert "## Worst prompts" in report and "## Feature ablations" in report
