@@ -122,7 +122,12 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
 
 
 class SuiteFile(pytest.File):
-    """A YAML suite: one `CheckItem` per check."""
+    """A YAML suite: a `CheckGroup` per dictionary set, holding one `CheckItem` per check.
+
+    A check id `set::metric[task]` becomes the node path `file::set::metric[task]`, so
+    `pytest suites/toy.yaml::resid-L2-topk16` selects one dictionary's checks, and a custom
+    id without `::` is an item directly under the file.
+    """
 
     def collect(self):
         from saebench.suite import SuiteError, load_suite
@@ -131,8 +136,28 @@ class SuiteFile(pytest.File):
             suite = load_suite(self.path)
         except SuiteError as err:
             raise self.CollectError(str(err)) from None
+        scopes: dict[str, list] = {}
         for check in suite.checks:
-            yield CheckItem.from_parent(self, name=check.id, suite=suite, check=check)
+            scope, sep, _ = check.id.partition("::")
+            scopes.setdefault(scope if sep else "", []).append(check)
+        for scope, checks in scopes.items():
+            if scope:
+                yield CheckGroup.from_parent(self, name=scope, suite=suite, checks=checks)
+            else:
+                yield from (CheckItem.within(self, c.id, suite, c) for c in checks)
+
+
+class CheckGroup(pytest.Collector):
+    """The checks of one dictionary (or spliced set) within a suite, in suite order."""
+
+    def __init__(self, *, suite, checks, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.suite = suite
+        self.checks = checks
+
+    def collect(self):
+        return [CheckItem.within(self, c.id.partition("::")[2], self.suite, c)
+                for c in self.checks]
 
 
 class CheckFailed(Exception):
@@ -151,6 +176,16 @@ class CheckItem(pytest.Item):
             self.add_marker(pytest.mark.xfail(
                 reason="expect: fail (the gate must reject this)", strict=True,
                 raises=CheckFailed))
+
+    @classmethod
+    def within(cls, parent: pytest.Collector, name: str, suite, check) -> CheckItem:
+        """The item for `check` named `name` under `parent`.
+
+        The node id is given as a string, as pytest stores it for `--lf`: pytest >= 9.2
+        parses ids at `::` and `[`, and an id built from the tree would not match.
+        """
+        return cls.from_parent(parent, name=name, nodeid=f"{parent.nodeid}::{name}",
+                               suite=suite, check=check)
 
     def runtest(self) -> None:
         from saebench import report

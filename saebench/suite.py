@@ -66,7 +66,8 @@ Details of the contract:
 - Check ids are `{set}::{metric}[{task},{options}]`: the set is the dictionary name, or the
   names of a spliced set joined by `+`; the brackets hold the task and the check's *own*
   options that change results (`OPTIONS`; `ablation` by value, the others as `key=value`)
-  and are left out when empty. Ids must be unique; `id:` overrides one.
+  and are left out when empty. Ids must be unique; `id:` overrides one (`name` or
+  `set::name`; pytest shows `file::set::name`, and `file::set` selects a whole set).
 - `threshold: ">= 0.85"` must be quoted in YAML (a bare `>` starts a block scalar).
 - `expect: fail` needs a threshold; `options` are checked against `OPTIONS`.
 """
@@ -965,6 +966,10 @@ class _Parser:
             custom_id = None
             if (id_node := spec.get("id")) is not None:
                 custom_id = self.string(id_node, spec.sub("id"))
+                if any(not part.strip() for part in custom_id.split("::")[:2]) or \
+                        custom_id.count("::") > 1:
+                    self.fail(id_node, spec.sub("id"), f"{custom_id!r}: an id is `name` or "
+                              "`set::name`, with non-empty parts")
                 if len(sets) > 1:
                     self.fail(id_node, spec.sub("id"), f"this check expands to {len(sets)} "
                               "checks, which cannot share one id")

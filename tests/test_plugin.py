@@ -111,6 +111,22 @@ def test_last_failed_reruns_only_the_failed_check(pytester, suite_dir):
     out.stdout.fnmatch_lines(["*good::explained_variance*"])
 
 
+def test_node_paths_select_a_set_or_one_check(pytester, suite_dir):
+    out = pytester.runpytest("--collect-only", "-q", "-m", "eval", "mini.yaml::good",
+                             "mini.yaml::poor::ce_loss_recovered[zero]")
+    assert sorted(out.stdout.lines[:4]) == sorted(
+        f"mini.yaml::{i}" for i in IDS if i.startswith("good") or i.endswith("[zero]")
+        and i.startswith("poor"))
+
+
+def test_a_custom_id_without_a_set_is_an_item_of_the_file(pytester):
+    pytester.makefile(".yaml", mini=SUITE.replace("metric: l0\n", "metric: l0\n    id: sparsity\n")
+                      .replace("[good, poor]", "[good]"))
+    out = pytester.runpytest("--collect-only", "-q", "-m", "eval", "mini.yaml")
+    out.stdout.fnmatch_lines(["mini.yaml::sparsity"])
+    assert "4 tests collected" in out.stdout.str()
+
+
 def test_schema_errors_are_collection_errors_naming_file_line_and_field(pytester):
     pytester.makefile(".yaml", bad=SUITE.replace("metric: l0", "metric: l00"))
     out = pytester.runpytest("-m", "eval", "bad.yaml")

@@ -398,6 +398,18 @@ BAD = {
             dictionaries: [b]
             id: same
         """, 7, "checks[1].id", "duplicate check id 'same'"),
+    "id with an empty part": ("""
+        model: zoo
+        dictionaries: {a: {zoo: resid-L0-topk16}}
+        checks:
+          - {metric: l0, dictionaries: [a], id: "a::"}
+        """, 4, "checks[0].id", "non-empty parts"),
+    "id nested deeper than set::name": ("""
+        model: zoo
+        dictionaries: {a: {zoo: resid-L0-topk16}}
+        checks:
+          - {metric: l0, dictionaries: [a], id: "a::b::c"}
+        """, 4, "checks[0].id", "`set::name`"),
     "id on an expanding check": ("""
         model: zoo
         dictionaries: {a: {zoo: resid-L0-topk16}, b: {zoo: resid-L1-topk16}}
