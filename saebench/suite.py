@@ -966,8 +966,8 @@ class _Parser:
             custom_id = None
             if (id_node := spec.get("id")) is not None:
                 custom_id = self.string(id_node, spec.sub("id"))
-                if any(not part.strip() for part in custom_id.split("::")[:2]) or \
-                        custom_id.count("::") > 1:
+                parts = custom_id.split("::")
+                if len(parts) > 2 or not all(part.strip() for part in parts):
                     self.fail(id_node, spec.sub("id"), f"{custom_id!r}: an id is `name` or "
                               "`set::name`, with non-empty parts")
                 if len(sets) > 1:
