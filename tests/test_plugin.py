@@ -103,12 +103,16 @@ def test_resume_keeps_finished_rows_and_runs_the_rest(pytester, suite_dir):
     assert list(kept) == list(before["started_at"])
 
 
-def test_last_failed_reruns_only_the_failed_check(pytester, suite_dir):
+@pytest.mark.parametrize("failing", ["good::explained_variance",
+                                     "good::explained_variance[strict]"])
+def test_last_failed_reruns_only_the_failed_check(pytester, failing):
+    pytester.makefile(".yaml", mini=SUITE.replace(
+        "metric: explained_variance\n", f"metric: explained_variance\n    id: {failing!r}\n"))
     pytester.runpytest("-m", "eval", "mini.yaml").assert_outcomes(passed=3, failed=1,
                                                                   xfailed=1)
     out = pytester.runpytest("-m", "eval", "mini.yaml", "--lf")
     out.assert_outcomes(failed=1, deselected=4)
-    out.stdout.fnmatch_lines(["*good::explained_variance*"])
+    assert f"FAILED mini.yaml::{failing}" in out.stdout.str()
 
 
 def test_node_paths_select_a_set_or_one_check(pytester, suite_dir):
