@@ -269,7 +269,9 @@ def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
           stat_verdict: str, reason: str) -> tuple[str, str]:
     """(verdict, message) of a check: pass/fail against its threshold, or `unstable`/`error`
     when the statistic itself is not usable; `expect: fail` turns them into xfail/xpass."""
-    shown = f"{check.metric} = {_fmt(value)} [{_fmt(ci_low)}, {_fmt(ci_high)}] (n={n})"
+    interval = ("no interval" if math.isnan(ci_low) and math.isnan(ci_high)
+                else f"[{_fmt(ci_low)}, {_fmt(ci_high)}]")
+    shown = f"{check.metric} = {_fmt(value)} {interval} (n={n})"
     if stat_verdict == "unstable":
         verdict, message = "unstable", f"{shown} is unstable: {reason}"
     elif stat_verdict != "ok":

@@ -33,6 +33,7 @@ from transformer_lens import HookedTransformer
 
 from saebench.metrics import tokens as tok_metrics
 from saebench.metrics.pathological import BASELINE_TERMS
+from saebench.metrics.registry import HEALTH_TERMS
 from saebench.splice import (
     Dictionary,
     FeatureEdit,
@@ -314,12 +315,16 @@ def run(
                 ablation_logs[(hooks, kind)].add(**clean.terms_against(abl_logits, kind))
         for request in requests:
             record: dict = {}
+            evaluated = act_mask
             if request.downstream:
                 mask = act_mask & position_mask(request.positions, *batch.shape,
                                                 device=batch.device)
                 spliced = _spliced_logits(model, cache, batch, request, mask, record)
-                logs[request.key].add(**clean.terms_against(spliced, "spliced"))
+                logs[request.key].add(**clean.terms_against(spliced, "spliced"),
+                                      **clean.spliced_counts(mask))
                 del spliced
+                if not request.reconstruction:
+                    evaluated = mask
             if request.pathological_draws:
                 logs[request.key].add(**_pathological_terms(
                     model, cache, batch, request, mask, record, clean, factors, first_row))
@@ -328,6 +333,7 @@ def run(
                     _record_from_cache(cache, request, act_mask, record)
                 logs[request.key].add(**_reconstruction_terms(record[request.dictionaries[0].name],
                                                               act_mask))
+            logs[request.key].add(**health_terms(record, evaluated))
         bar.update(len(batch))
         first_row += len(batch)
     bar.close()
@@ -370,6 +376,13 @@ class _Clean:
         terms = {f"ce_{label}": tok_metrics.sequence_sums(ce, self.pred_mask),
                  f"kl_{label}": tok_metrics.sequence_sums(kl, self.act_mask)}
         return terms | self.shared if label == "spliced" else terms
+
+    def spliced_counts(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The guard terms: per sequence, the counted CE and KL positions at or after a
+        spliced position (`mask`), the only ones whose prediction the splice can change."""
+        reached = mask.int().cummax(dim=1).values.bool()
+        return {"n_pred_spliced": (self.pred_mask & reached[:, :-1]).sum(-1),
+                "n_kl_spliced": (self.act_mask & reached).sum(-1)}
 
     def kl_sums(self, logits: torch.Tensor) -> torch.Tensor:
         """Per-sequence sums of KL(clean ‖ variant) over the KL positions."""
@@ -456,6 +469,23 @@ def _pathological_terms(model, cache, batch, request: Request, mask, record, cle
                                   [(d.write_hook, _perturb_hook(eps, mask))])
             kls[kind].append(clean.kl_sums(logits))
     return {BASELINE_TERMS[kind]: torch.stack(draws).mean(0) for kind, draws in kls.items()}
+
+
+def health_terms(record: dict, evaluated: Tensor) -> dict[str, Tensor]:
+    """Per row, the evaluated positions (`evaluated` [b, t]) where a recorded dictionary's
+    reconstruction or features are not finite, and the first such position (−1 if none):
+    the `nonfinite:<name>` / `nonfinite_at:<name>` terms of the registry."""
+    count_prefix, at_prefix = HEALTH_TERMS
+    terms = {}
+    for name, rec in record.items():
+        bad = ~torch.isfinite(rec["recon"]).flatten(2).all(-1)
+        if rec.get("feats") is not None:
+            bad |= ~torch.isfinite(rec["feats"]).all(-1).reshape(bad.shape)
+        bad &= evaluated.to(bad.device)
+        first = torch.where(bad.any(-1), bad.int().argmax(-1), -1)
+        terms[count_prefix + name] = bad.sum(-1)
+        terms[at_prefix + name] = first
+    return terms
 
 
 def _record_from_cache(cache, request: Request, act_mask, record) -> None:

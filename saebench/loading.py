@@ -123,7 +123,7 @@ def load_task_file(path: Path) -> list[TaskPrompt]:
         if unknown:
             raise ValueError(f"{path}:{number}: unknown field(s) {sorted(unknown)}")
         pos = record.get("pos")
-        if pos is not None and not isinstance(pos, int):
+        if pos is not None and (isinstance(pos, bool) or not isinstance(pos, int)):
             raise ValueError(f"{path}:{number}: field 'pos' must be an integer")
         rows.append(TaskPrompt(record["prompt"], record["answer"], record["distractor"], pos))
     if not rows:

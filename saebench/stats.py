@@ -8,10 +8,11 @@ one matrix product, `weights @ terms`.
     >>> s = summarize(get_metric("ce_loss_recovered"), terms, {"ablation": "zero"})
     >>> s.value, (s.ci_low, s.ci_high), s.verdict, s.reason, s.parts
 
-Verdicts never let an invalid number pass as valid: "empty" (no sequences or no counted
-positions), "nan" (a non-finite term or value), "unstable" (a ratio whose denominator is
-tiny or whose interval includes 0, some resamples non-finite, a value outside its own
-interval, or a single sequence), "ok".
+Verdicts never let an invalid number pass as valid: "empty" (no sequences, no counted
+positions, or a splice that changed no counted position), "nan" (a non-finite
+reconstruction or feature activation of a dictionary involved, a non-finite term or
+value), "unstable" (a ratio whose denominator is tiny or whose interval includes 0, some
+resamples non-finite, a value outside its own interval, or a single sequence), "ok".
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saebench.metrics.registry import Metric, parts
+from saebench.metrics.registry import HEALTH_TERMS, Metric, parts
 
 VERDICTS = ("ok", "unstable", "nan", "empty")
 WEIGHT_BLOCK = 64
@@ -118,6 +119,39 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def health_problem(terms: Mapping[str, Tensor], unit: str = "sequence") -> str | None:
+    """Why the dictionaries behind `terms` cannot be trusted, or None.
+
+    The engine counts, per `unit` (sequence or prompt) and dictionary, the evaluated
+    positions whose reconstruction or feature activations are not finite
+    (`nonfinite:<name>`) and the first of them (`nonfinite_at:<name>`); any such position
+    invalidates every metric of the request, even one (like L0) whose own terms are finite.
+
+        >>> health_problem({"nonfinite:sae": torch.tensor([0.0, 2.0]),
+        ...                 "nonfinite_at:sae": torch.tensor([-1.0, 5.0])})[-38:]
+        '); the first at sequence 1, position 5'
+    """
+    count_prefix, at_prefix = HEALTH_TERMS
+    problems = []
+    for name, counts in terms.items():
+        if not name.startswith(count_prefix):
+            continue
+        counts = torch.as_tensor(counts)
+        total = int(counts.sum())
+        if total == 0:
+            continue
+        dictionary = name[len(count_prefix):]
+        row = int(torch.nonzero(counts)[0])
+        where = f"{unit} {row}"
+        first = terms.get(at_prefix + dictionary)
+        if first is not None:
+            where += f", position {int(torch.as_tensor(first)[row])}"
+        problems.append(f"dictionary {dictionary!r} gives a non-finite reconstruction or "
+                        f"feature activation (NaN or inf) at {total} evaluated position(s); "
+                        f"the first at {where}")
+    return "; ".join(problems) or None
+
+
 def _bootstrap(metric: Metric, cols: dict[str, Tensor], options: Mapping[str, Any], n: int,
                n_boot: int, seed: int, chunk_bytes: int) -> tuple[Tensor, Tensor | None]:
     """Aggregate (and denominator) of each resample: [n_boot] each, chunked over resamples."""
@@ -177,6 +211,15 @@ def summarize(
     n = next(iter(cols.values())).shape[0]
     if n == 0:
         return _result(math.nan, "empty", "no sequences were evaluated", 0)
+    unit = "prompt" if metric.kind == "task" else "sequence"
+    unhealthy = health_problem(terms, unit)
+    if unhealthy:
+        return _result(math.nan, "nan", unhealthy, n)
+    guard = metric.guard_term
+    if guard is not None and guard in terms and float(torch.as_tensor(terms[guard]).sum()) == 0:
+        return _result(math.nan, "empty", f"the splice changed no counted position ({guard} "
+                       f"is 0 in {n} {unit}(s)): the selected positions hold only special "
+                       "tokens, or lie after every position whose prediction is counted", n)
     bad_terms = [f"{name!r} ({int((~torch.isfinite(col)).sum())} of {n} sequences)"
                  for name, col in cols.items() if not torch.isfinite(col).all()]
     if bad_terms:

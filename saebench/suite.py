@@ -80,6 +80,7 @@ import itertools
 import math
 import operator
 import re
+import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,24 @@ from typing import Any, NoReturn
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+QUOTE_LIMIT = 200
+MESSAGE_LIMIT = 1000
+"""At most this many characters of a user's value are quoted in a message."""
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 3, QUOTE_LIMIT, 60, 40
+_QUOTE.maxdict = _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = 6
+
+
+def _quote(value: Any) -> str:
+    """`repr(value)`, bounded: nested containers and long strings are cut (a YAML alias bomb
+    expands to millions of items; its message stays one line).
+
+        >>> _quote(list(range(100)))
+        '[0, 1, 2, 3, 4, 5, ...]'
+    """
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT - 1] + "…"
 
 
 class SuiteError(ValueError):
@@ -102,7 +121,10 @@ class SuiteError(ValueError):
         self.file, self.line, self.field, self.message = file, line, field, message
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.field}: {self.message}"
+        message = self.message
+        if len(message) > MESSAGE_LIMIT:
+            message = f"{message[:MESSAGE_LIMIT]}… ({len(message) - MESSAGE_LIMIT} characters cut)"
+        return f"{self.file}:{self.line}: {self.field}: {message}"
 
 
 # ---------------------------------------------------------------------------- thresholds
@@ -150,10 +172,33 @@ class Threshold:
         return math.isfinite(value) and _OPS[self.op](value, self.bound)
 
     def __str__(self) -> str:
-        bound = repr(self.bound)
-        bound = bound[:-2] if bound.endswith(".0") else bound
         prefix = "" if self.target == "value" else f"{self.target} "
-        return f"{prefix}{self.op} {bound}"
+        return f"{prefix}{self.op} {_number_text(self.bound)}"
+
+    def decided_over(self, low: float, high: float) -> str | None:
+        """"always" when every number in [low, high] passes, "never" when none does, else None.
+
+            >>> [parse_threshold(t).decided_over(0, 1) for t in (">= 0", "> 0", ">= 2")]
+            ['always', None, 'never']
+        """
+        test = _OPS[self.op]
+        if self.op == "==":
+            inside = low <= self.bound <= high
+            return "always" if low == high == self.bound else (None if inside else "never")
+        lower_side = self.op in (">=", ">")
+        if test(low if lower_side else high, self.bound):
+            return "always"
+        if not test(high if lower_side else low, self.bound):
+            return "never"
+        return None
+
+
+def _number_text(x: float) -> str:
+    """`0.9`, `2`, `-inf`: a bound as a person writes it."""
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
 
 
 def parse_threshold(text: str) -> Threshold:
@@ -162,20 +207,21 @@ def parse_threshold(text: str) -> Threshold:
     Raises ValueError saying which forms are accepted.
     """
     if not isinstance(text, str):
-        raise ValueError(f"a threshold is a quoted string such as '>= 0.85', got {text!r}")
+        raise ValueError(f"a threshold is a quoted string such as '>= 0.85', got {_quote(text)}")
     match = _THRESHOLD_RE.match(text)
     if match is None:
-        raise ValueError(f"bad threshold {text!r}: {_THRESHOLD_FORMS}")
+        raise ValueError(f"bad threshold {_quote(text)}: {_THRESHOLD_FORMS}")
     target = match["target"] or "value"
     if target not in TARGETS:
-        raise ValueError(f"bad threshold {text!r}: unknown target {target!r}; "
+        raise ValueError(f"bad threshold {_quote(text)}: unknown target {target!r}; "
                          f"use one of {', '.join(TARGETS)}")
     try:
         bound = float(match["bound"])
     except ValueError:
-        raise ValueError(f"bad threshold {text!r}: {match['bound']!r} is not a number") from None
+        raise ValueError(f"bad threshold {_quote(text)}: {_quote(match['bound'])} is not a "
+                         "number") from None
     if not math.isfinite(bound):
-        raise ValueError(f"bad threshold {text!r}: the bound must be a finite number")
+        raise ValueError(f"bad threshold {_quote(text)}: the bound must be a finite number")
     return Threshold(target, match["op"], bound)
 
 
@@ -195,9 +241,9 @@ class Edit:
 
 def _int(value: Any, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be an integer, got {value!r}")
+        raise ValueError(f"must be an integer, got {_quote(value)}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"must be an integer >= {minimum}, got {_quote(value)}")
     return value
 
 
@@ -207,33 +253,33 @@ def _positive_int(value: Any) -> int:
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {value!r}")
+        raise ValueError(f"must be true or false, got {_quote(value)}")
     return value
 
 
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"must be a number, got {value!r}")
+        raise ValueError(f"must be a number, got {_quote(value)}")
     return float(value)
 
 
 def _fraction(value: Any) -> float:
     number = _number(value)
     if not 0 <= number <= 1:
-        raise ValueError(f"must be a number in [0, 1], got {value!r}")
+        raise ValueError(f"must be a number in [0, 1], got {_quote(value)}")
     return number
 
 
 def _ablation(value: Any) -> str:
     if value not in ("zero", "mean"):
-        raise ValueError(f"must be zero or mean, got {value!r}")
+        raise ValueError(f"must be zero or mean, got {_quote(value)}")
     return value
 
 
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {_quote(value)}")
         return value
     return parse
 
@@ -248,22 +294,22 @@ def _positions(value: Any) -> str | int | tuple[int, ...]:
             pass
     raise ValueError(f'must be "all", "answer" (task checks: each prompt\'s answer position), '
                      f"an integer or a non-empty list of integers (negative counts from the "
-                     f"end), got {value!r}")
+                     f"end), got {_quote(value)}")
 
 
 def _edits(value: Any) -> tuple[Edit, ...]:
     form = "a list of {dictionary: name, features: [ints], value: number}"
     if not isinstance(value, list):
-        raise ValueError(f"must be {form}, got {value!r}")
+        raise ValueError(f"must be {form}, got {_quote(value)}")
     edits = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or set(item) - {"dictionary", "features", "value"} \
                 or "features" not in item:
             raise ValueError(f"item {i} must be a mapping with features (and optionally "
-                             f"dictionary and value): {form}, got {item!r}")
+                             f"dictionary and value): {form}, got {_quote(item)}")
         dictionary = item.get("dictionary")
         if dictionary is not None and not isinstance(dictionary, str):
-            raise ValueError(f"item {i}: dictionary must be a name, got {dictionary!r}")
+            raise ValueError(f"item {i}: dictionary must be a name, got {_quote(dictionary)}")
         features = item["features"]
         features = [features] if not isinstance(features, list) else features
         try:
@@ -515,14 +561,14 @@ class _Parser:
         try:
             value = self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, TypeError, ValueError):
-            return repr(node.value)
+            return _quote(node.value)
         if value is None:
             return "nothing (null)"
         if isinstance(value, bool):
             return f"the boolean {str(value).lower()}"
         if isinstance(value, int | float):
-            return f"the number {value}"
-        return repr(value)
+            return f"the number {_quote(value)}"
+        return _quote(value)
 
     def mapping(self, node: Node, path: str, allowed: Iterable[str] | None = None,
                 required: Iterable[str] = ()) -> _Map:
@@ -954,6 +1000,11 @@ class _Parser:
             threshold = default_threshold
             if (threshold_node := spec.get("threshold")) is not None:
                 threshold = self.threshold(threshold_node, spec.sub("threshold"))
+            if threshold is not None:
+                where = spec.get("threshold")
+                self.check_threshold(metric, threshold, {k: v for k, (v, _, _) in options.items()},
+                                     where or item, spec.sub("threshold") if where else
+                                     f"{path}.threshold (from defaults.threshold)")
             expect = "pass"
             if (expect_node := spec.get("expect")) is not None:
                 expect = self.scalar(expect_node, spec.sub("expect"), "pass or fail")
@@ -986,6 +1037,25 @@ class _Parser:
                                  tuple(sorted(resolved.items())), threshold, expect,
                                  _line(item)))
         return tuple(out)
+
+    def check_threshold(self, metric: str, threshold: Threshold, options: dict[str, Any],
+                        node: Node, path: str) -> None:
+        """Refuse a threshold that the metric's range decides before anything is measured, or
+        one on an interval the metric does not have."""
+        from saebench.metrics.registry import get_metric
+
+        spec = get_metric(metric)
+        if threshold.target != "value" and not spec.bootstrap:
+            on_value = f"{threshold.op} {_number_text(threshold.bound)}"
+            self.fail(node, path, f"{metric} has no bootstrap interval (see its description), "
+                                  f"so {threshold.target} is never measured; put the threshold "
+                                  f"on its value ('{on_value}')")
+        low, high = spec.value_range(options)
+        decided = threshold.decided_over(low, high)
+        if decided is not None:
+            outcome = "can never fail" if decided == "always" else "can never pass"
+            self.fail(node, path, f"'{threshold}' {outcome}: {metric} always lies in "
+                                  f"[{_number_text(low)}, {_number_text(high)}]")
 
     def resolve_edits(self, options: dict[str, tuple[Any, Node, str]],
                       members: tuple[str, ...]) -> dict[str, Any]:

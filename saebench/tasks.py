@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from saebench.engine import ABLATIONS, EngineOptions, check_requests, special_token_ids
+from saebench.engine import (
+    ABLATIONS,
+    EngineOptions,
+    check_requests,
+    health_terms,
+    special_token_ids,
+)
 from saebench.loading import TaskPrompt
 from saebench.splice import (
     Dictionary,
@@ -199,7 +205,7 @@ def encode_prompts(
     special = torch.tensor(list(special_ids), dtype=torch.long, device=device)
     encoded = []
     for i, p in enumerate(prompts):
-        toks = model.to_tokens(p.prompt)[0].to(device)
+        toks = model.to_tokens(p.prompt, truncate=False)[0].to(device)
         n = len(toks)
         if n > model.cfg.n_ctx:
             raise ValueError(f"prompt {i} has {n} tokens, more than the model's n_ctx "
@@ -370,7 +376,7 @@ def run_task(
             result.features[request.key] = table
             terms["ld_topk_zeroed"] = joint
         for name, values in terms.items():
-            if name == "n_prompts" or name.startswith("abs_"):
+            if name.startswith(("n_", "abs_")) or ":" in name:
                 continue
             if name == "ld_topk_zeroed":
                 for j in range(values.shape[1]):
@@ -407,12 +413,19 @@ def _means(batches: list[PromptBatch], caches: list[dict[str, Tensor]],
 
 def _request_terms(runner: _Runner, request: TaskRequest, ld_clean: Tensor,
                    baselines: dict, caches: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    if not any(b.splice_mask(request.positions).any() for b in runner.batches):
-        raise ValueError(f"{request.key}: positions {request.positions!r} select no real, "
-                         "non-special position in any prompt, so nothing would be spliced")
-    ld_spliced, _ = runner.splice(request, request.edits)
+    guards: dict[str, Tensor] = {}
+
+    def check(batch: PromptBatch, record: dict) -> None:
+        mask = batch.splice_mask(request.positions)
+        reached = mask.int().cummax(dim=1).values.bool()
+        for name, values in {"n_prompts_spliced": batch.at_answer(reached).double(),
+                             **health_terms(record, mask)}.items():
+            guards.setdefault(name, torch.zeros(runner.n, dtype=torch.float64))
+            guards[name][batch.indices] = values.double().cpu()
+
+    ld_spliced, _ = runner.splice(request, request.edits, check)
     terms = {"n_prompts": torch.ones(runner.n, dtype=torch.float64), "ld_clean": ld_clean,
-             "ld_spliced": ld_spliced}
+             "ld_spliced": ld_spliced, **guards}
     for kind in request.ablations:
         terms[f"ld_{kind}"] = baselines[(request.write_hooks, kind)]
     terms["sign_agree"] = (torch.sign(ld_spliced) == torch.sign(ld_clean)).double()

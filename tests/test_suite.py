@@ -1007,6 +1007,24 @@ LAYERS = st.one_of(st.sampled_from(["0..3", "1..2", "2..2"]),
                    st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
 
 
+RANGES = {"kl_div": (0, math.inf), "kl_div_score": (-math.inf, 1), "l0": (0, math.inf),
+          "explained_variance": (-math.inf, 1), "mse": (0, math.inf), "cossim": (-1, 1),
+          "l2_ratio": (0, math.inf), "dead_fraction": (0, 1), "dense_fraction": (0, 1)}
+"""Each bounded metric's range, by its definition (the rest are unbounded)."""
+
+
+def _admissible(metric: str, threshold: str | None) -> bool:
+    """Whether a generated threshold is one the schema accepts for `metric`: not decided by
+    the metric's range (`value == 2` for a bounded metric), and not on an interval that
+    `dead_fraction` does not have."""
+    if threshold is None:
+        return True
+    if threshold.startswith("ci_") and metric == "dead_fraction":
+        return False
+    low, high = RANGES.get(metric, (-math.inf, math.inf))
+    return not (threshold == "value == 2" and high < 2)
+
+
 @st.composite
 def valid_suites(draw) -> dict:
     """Random valid combinations of the schema's elements."""
@@ -1024,7 +1042,8 @@ def valid_suites(draw) -> dict:
         splice = metric in DOWNSTREAM and draw(st.booleans())
         check: dict = {"metric": metric, "splice" if splice else "dictionaries": draw(patterns)}
         check["threshold"] = draw(st.sampled_from(
-            [">= 0.5", "ci_low > 0", "ci_high <= 1e-3", None, "value == 2"]))
+            [t for t in (">= 0.5", "ci_low > 0", "ci_high <= 1e-3", None, "value == 2")
+             if _admissible(metric, t)]))
         if draw(st.booleans()):
             check["options"] = draw(st.fixed_dictionaries({}, optional=OPTION_VALUES))
             if not splice and draw(st.booleans()):

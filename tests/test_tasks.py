@@ -355,8 +355,11 @@ def test_bad_requests_and_prompts_are_refused():
                  [TaskRequest("x", (d,))], OPTIONS)
     with pytest.raises(IndexError, match="outside prompt"):
         run_task(model, [p], [TaskRequest("x", (d,), positions=[60])], OPTIONS)
-    with pytest.raises(ValueError, match="no real, non-special position"):
-        run_task(model, [p], [TaskRequest("x", (d,), positions=[0])], OPTIONS)
+    bos_only = run_task(model, [p], [TaskRequest("x", (d,), positions=[0])], OPTIONS)
+    for metric in ("logit_diff_recovered", "sign_agreement"):
+        s = summarize(get_metric(metric), bos_only.terms["x"], n_boot=0)
+        assert (s.verdict, s.value != s.value) == ("empty", True)
+        assert "changed no counted position" in s.reason
 
 
 @pytest.fixture(scope="module")

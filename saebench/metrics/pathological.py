@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saebench.metrics.registry import Metric, Options, Terms, choice, register_metric
+from saebench.metrics.registry import (
+    NON_NEGATIVE,
+    Metric,
+    Options,
+    Terms,
+    choice,
+    register_metric,
+)
 
 BASELINE_TERMS = {"isotropic": "kl_eps_iso", "covariance": "kl_eps_cov"}
 """Each random baseline and the engine term holding its KL sums."""
@@ -72,4 +79,5 @@ PATHOLOGICAL_ERROR = register_metric(Metric(
     denominator_name="KL(p_clean ‖ p_eps) (nats/token)",
     parts_of=_parts,
     count="n_kl",
+    bounds=NON_NEGATIVE,
 ))

@@ -23,12 +23,19 @@ Term names (the contract with the engine; all float64 per-sequence sums):
 - reconstruction, over activation positions (input token not special): `n_act` (count),
   `l0`, `sq_err`, `sq_target`, `sum_target` (width d), `sq_recon`, `dot`, `cossim`,
   `l2_ratio`, `feature_counts` (width d_sae: positions where each feature is active).
+- guards, which no value may be computed without: `n_pred_spliced`, `n_kl_spliced` (the
+  counted positions whose prediction the splice can change: at or after a spliced
+  position) and, for tasks, `n_prompts_spliced` (`SPLICED_COUNTS`); `nonfinite:<dictionary>`
+  and `nonfinite_at:<dictionary>` (`HEALTH_TERMS`): per sequence, how many evaluated
+  positions have a non-finite reconstruction or feature activation, and the first one
+  (−1 when none). `saebench.stats.summarize` turns them into `empty` and `nan` verdicts.
 
 Options: `ablation` ("zero" or "mean", default "zero") and `dense_threshold` (default 0.01).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Real
@@ -42,6 +49,14 @@ Options = Mapping[str, Any]
 ABLATIONS = ("zero", "mean")
 KINDS = ("downstream", "reconstruction", "task")
 COUNT_TERMS = {"downstream": "n_pred", "reconstruction": "n_act", "task": "n_prompts"}
+SPLICED_COUNTS = {"n_pred": "n_pred_spliced", "n_kl": "n_kl_spliced",
+                  "n_prompts": "n_prompts_spliced"}
+"""Count term -> the guard term counting those positions that the splice can change."""
+HEALTH_TERMS = ("nonfinite:", "nonfinite_at:")
+"""Prefixes of the per-dictionary health terms (name follows the colon)."""
+UNBOUNDED = (-math.inf, math.inf)
+FRACTION = (0.0, 1.0)
+NON_NEGATIVE = (0.0, math.inf)
 DOWNSTREAM_TERMS = ("n_pred", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
                     "n_kl", "kl_spliced", "kl_zero", "kl_mean", "kl_eps_iso", "kl_eps_cov")
 RECONSTRUCTION_TERMS = ("n_act", "l0", "sq_err", "sq_target", "sum_target", "sq_recon", "dot",
@@ -61,6 +76,10 @@ class Metric:
     `bootstrap=False` marks a statistic that resampling sequences misrepresents (no interval).
     `count` names the term counting the positions averaged over, when it is not the kind's
     default (n_pred for downstream, n_act for reconstruction).
+    `bounds` is the range every value lies in (closed; a callable of the options when it
+    depends on them), so a threshold that no value can fail, or pass, is refused.
+    `needs_splice`: the value means something only if the splice changed a counted position
+    (true for downstream and task metrics whose terms come from the spliced run).
     """
 
     name: str
@@ -74,6 +93,8 @@ class Metric:
     parts_of: Callable[[Terms, Options], Mapping[str, Tensor]] | None = None
     bootstrap: bool = True
     count: str | None = None
+    bounds: tuple[float, float] | Callable[[Options], tuple[float, float]] = UNBOUNDED
+    needs_splice: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,6 +105,17 @@ class Metric:
     def count_term(self) -> str:
         """The term counting the positions this metric averages over."""
         return self.count or COUNT_TERMS[self.kind]
+
+    @property
+    def guard_term(self) -> str | None:
+        """The term that must be positive for a value to be measured (None: the count)."""
+        if not self.needs_splice or self.kind == "reconstruction":
+            return None
+        return SPLICED_COUNTS.get(self.count_term)
+
+    def value_range(self, options: Options) -> tuple[float, float]:
+        """The closed range every value of this metric lies in, given the options."""
+        return self.bounds(options) if callable(self.bounds) else self.bounds
 
 
 METRICS: dict[str, Metric] = {}
@@ -215,6 +247,7 @@ register_metric(Metric(
     description="Mean per-token KL(p_clean ‖ p_spliced) in nats, both sides via log_softmax.",
     kind="downstream",
     count="n_kl",
+    bounds=NON_NEGATIVE,
 ))
 
 register_metric(Metric(
@@ -231,6 +264,7 @@ register_metric(Metric(
     parts_of=lambda s, o: {"kl_spliced": _per(s, "kl_spliced", "n_kl"),
                            "kl_abl": _kl_abl(s, o) / s["n_kl"]},
     count="n_kl",
+    bounds=(-math.inf, 1.0),
 ))
 
 register_metric(Metric(
@@ -241,6 +275,7 @@ register_metric(Metric(
     description="Mean number of active (nonzero) features per position. A sparsity budget: "
                 "lower is sparser, but a useful threshold usually bounds it on both sides.",
     kind="reconstruction",
+    bounds=NON_NEGATIVE,
 ))
 
 register_metric(Metric(
@@ -258,6 +293,7 @@ register_metric(Metric(
     parts_of=lambda s, o: {"sq_err_per_position": _per(s, "sq_err", "n_act"),
                            "variance_per_position": _variance(s) / s["n_act"],
                            "explained_variance_uncentred": 1 - s["sq_err"] / s["sq_target"]},
+    bounds=(-math.inf, 1.0),
 ))
 
 register_metric(Metric(
@@ -272,6 +308,7 @@ register_metric(Metric(
     kind="reconstruction",
     parts_of=lambda s, o: {"sq_err_per_position": _per(s, "sq_err", "n_act"),
                            "d": s["sq_err"].new_tensor(s["sum_target"].shape[-1])},
+    bounds=NON_NEGATIVE,
 ))
 
 register_metric(Metric(
@@ -282,6 +319,7 @@ register_metric(Metric(
     description="Mean cosine similarity between target and reconstruction (0 at positions "
                 "where either is the zero vector).",
     kind="reconstruction",
+    bounds=(-1.0, 1.0),
 ))
 
 register_metric(Metric(
@@ -293,6 +331,7 @@ register_metric(Metric(
                 "1 is better: < 1 is shrinkage, > 1 overshoot; `higher_is_better` only marks "
                 "the usual failure, shrinkage, so threshold it on both sides.",
     kind="reconstruction",
+    bounds=NON_NEGATIVE,
 ))
 
 register_metric(Metric(
@@ -323,6 +362,7 @@ register_metric(Metric(
     bootstrap=False,
     parts_of=lambda s, o: {"n_features": s["n_act"].new_tensor(s["feature_counts"].shape[-1]),
                            "n_dead": (s["feature_counts"] == 0).sum(-1)},
+    bounds=FRACTION,
 ))
 
 register_metric(Metric(
@@ -336,4 +376,5 @@ register_metric(Metric(
     kind="reconstruction",
     parts_of=lambda s, o: {"n_features": s["n_act"].new_tensor(s["feature_counts"].shape[-1]),
                            "dense_threshold": s["n_act"].new_tensor(dense_threshold(o))},
+    bounds=FRACTION,
 ))

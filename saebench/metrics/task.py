@@ -22,7 +22,15 @@ from numbers import Integral
 
 from torch import Tensor
 
-from saebench.metrics.registry import Metric, Options, Terms, choice, register_metric
+from saebench.metrics.registry import (
+    FRACTION,
+    UNBOUNDED,
+    Metric,
+    Options,
+    Terms,
+    choice,
+    register_metric,
+)
 
 NORMALIZE = ("none", "zero", "mean")
 SHARES = ("signed", "abs")
@@ -96,6 +104,7 @@ register_metric(Metric(
     higher_is_better=True,
     description="Share of prompts whose logit difference keeps its clean sign when spliced.",
     kind="task",
+    bounds=FRACTION,
 ))
 
 
@@ -132,6 +141,8 @@ register_metric(Metric(
     denominator_name="mean DLA(original) (signed) or mean |DLA(x̂)| + |DLA(e)| (abs), in logits",
     parts_of=lambda s, o: {name: _mean(s, name) for name in
                            ("dla_original", "dla_reconstruction", "dla_remainder")},
+    bounds=lambda o: FRACTION if share_kind(o) == "abs" else UNBOUNDED,
+    needs_splice=False,
 ))
 
 
