@@ -1,0 +1,105 @@
+"""Which YAML files are suites, and a repair of pytest's rootdir decision for our options.
+
+pytest picks the rootdir and ini file on a first parse of the command line, before plugins
+loaded from entry points have added their options. The value of `--saebench-report-dir DIR`
+(space-separated) is then taken for a test path, so DIR becomes the rootdir, the project's
+`pyproject.toml` (testpaths, addopts, markers, `saebench_suite_dirs`) is not read, and no
+suite is found. `pytest_load_initial_conftests` below redoes that decision once our options
+are known. This module imports only pytest, so that it stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+SUITE_SUFFIXES = (".yaml", ".yml")
+
+
+def suite_dirs(config: pytest.Config) -> list[Path]:
+    """The configured `saebench_suite_dirs`, else `suites/` under the invocation directory."""
+    dirs = config.getini("saebench_suite_dirs") or [config.invocation_params.dir / "suites"]
+    return [Path(d).resolve() for d in dirs]
+
+
+def explicit_paths(config: pytest.Config) -> set[Path]:
+    """The paths given on the command line (or by `--suite`), without any `::node` suffix."""
+    return {Path(arg.split("::")[0]).resolve() for arg in config.args}
+
+
+def is_suite_file(file_path: Path, config: pytest.Config) -> bool:
+    """A `.yaml`/`.yml` file given explicitly, or lying under one of the suite directories."""
+    if file_path.suffix not in SUITE_SUFFIXES:
+        return False
+    resolved = file_path.resolve()
+    if resolved in explicit_paths(config):
+        return True
+    return any(resolved.is_relative_to(d) for d in suite_dirs(config))
+
+
+def _is_saebench_dest(dest: str) -> bool:
+    return dest == "suite" or dest.startswith("saebench_")
+
+
+def _value_option_strings(parser: pytest.Parser) -> set[str]:
+    """The option strings of the saebench options that take a value, read from the parser."""
+    actions: Iterable[argparse.Action] = getattr(getattr(parser, "optparser", None),
+                                                 "_actions", ())
+    return {name for action in actions
+            if _is_saebench_dest(action.dest) and action.nargs != 0
+            for name in action.option_strings}
+
+
+def _mistaken_for_paths(parser: pytest.Parser, args: list[str]) -> bool:
+    """Whether a saebench option has its value as the next argument (`--opt VALUE`).
+
+    Before our options were known, pytest's first parse took that VALUE for a test path.
+    """
+    names = _value_option_strings(parser)
+    return any(arg in names for arg in args[:-1])
+
+
+# pytest's own `pytest_load_initial_conftests` (trylast) finds the initial conftests from the
+# rootdir; this one runs first and, where the rootdir decision was misled by one of our option
+# values, redoes it with the complete parser. It uses pytest internals (checked on pytest 9.2)
+# and does nothing where they are missing, so collection then still follows `is_suite_file`.
+_CONFIG_ATTRS = ("_rootpath", "_inipath", "_inicfg", "_inicache", "_parser",
+                 "known_args_namespace")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser,
+                                  args: list[str]) -> None:
+    config = early_config
+    if not _mistaken_for_paths(parser, args):
+        return
+    if not all(hasattr(config, attr) for attr in _CONFIG_ATTRS):
+        return
+    try:
+        from _pytest.config.findpaths import determine_setup, parse_override_ini
+
+        ns = parser.parse_known_args(args, namespace=copy.copy(config.option))
+        rootpath, inipath, inicfg, ignored = determine_setup(
+            inifile=ns.inifilename, override_ini=ns.override_ini, args=ns.file_or_dir,
+            rootdir_cmd_arg=ns.rootdir or None, invocation_dir=config.invocation_params.dir)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return  # another pytest version: leave its decision alone
+    if (rootpath, inipath) == (config.rootpath, config.inipath):
+        return  # the value was no existing path, or this hook already ran
+    config._rootpath, config._inipath, config._inicfg = rootpath, inipath, inicfg
+    config._ignored_config_files = ignored
+    config._inicache.clear()
+    config._parser.extra_info.update(rootdir=str(rootpath), inifile=str(inipath))
+    # As pytest's own parse does: the real ini's addopts go first, their -o overrides apply,
+    # and confcutdir defaults to the ini's directory.
+    args[:] = [*config.getini("addopts"), *args]
+    ns = parser.parse_known_args(args, namespace=copy.copy(config.option))
+    config._inicfg.update(parse_override_ini(ns.override_ini))
+    config._inicache.clear()
+    if ns.confcutdir is None:
+        ns.confcutdir = str(inipath.parent if inipath is not None else rootpath)
+    config.known_args_namespace = ns
