@@ -1,25 +1,32 @@
-"""Compute suite checks: resolve a suite's objects once, run the engine, judge thresholds.
+"""Compute suite checks: resolve and validate a suite's objects once, run the engine, judge.
 
-The pytest plugin goes through `SuiteRun`: it loads the suite's model, tokens,
-dictionaries and tasks lazily and once, computes the checks it is asked for in as few runs
-as possible (every requested token-level check of the suite that shares a batch size
-shares one clean pass; task checks share one run per task), and turns each check into a
-result row with a verdict.
+The pytest plugin goes through `SuiteRun`. `prepare` runs at collection: it loads the
+model, the tokens and the tasks, reads every dictionary's configuration (and loads the
+zoo's), and validates all of it, so a bad suite is refused before anything is computed.
+A problem of the whole suite (model, data) raises a located `SuiteError`; a problem of one
+dictionary, task or check is kept and fails only the checks that depend on it; a hub that
+cannot be reached skips them. `compute` then measures the requested checks in as few runs
+as possible (token-level checks sharing a batch size share one clean pass; task checks
+share one run per task) and isolates a failing request so that it fails only its own
+checks; `result` turns a check into a result row with a verdict.
 
     >>> run = SuiteRun(load_suite("suites/toy.yaml"), RunSettings(device="cpu"))
+    >>> run.prepare()
     >>> row = run.result(run.suite.checks[0])
     >>> row["verdict"], row["value"], row["message"]
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -27,9 +34,19 @@ from saebench import engine, resolve, tasks
 from saebench.api import provenance
 from saebench.metrics.pathological import DEFAULT_DRAWS
 from saebench.metrics.registry import get_metric
-from saebench.splice import FeatureEdit
+from saebench.splice import Dictionary, FeatureEdit, position_mask
 from saebench.stats import summarize
-from saebench.suite import OPTIONS, Check, Suite, validate_resolved
+from saebench.suite import (
+    OPTIONS,
+    Check,
+    Suite,
+    SuiteError,
+    validate_dictionary,
+    validate_task,
+)
+
+MESSAGE_LIMIT = 300
+"""A message in a result row or a failure is cut to about this many characters."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,63 @@ class RunSettings:
     n_tokens: int | None = None
     seed: int | None = None
     progress: bool = False
+
+
+class Problem(NamedTuple):
+    """Why checks cannot be computed: `verdict` "error" (bad input, a failed computation)
+    or "skipped" (a hub that cannot be reached), and a short located message."""
+
+    verdict: str
+    message: str
+
+
+def short(err: BaseException, limit: int = MESSAGE_LIMIT) -> str:
+    """An exception as one short line: the first line of its message, after its type unless
+    it is a located SuiteError, cut to `limit` characters.
+
+        >>> short(ValueError("width 64 != 128\nlong traceback text"))
+        'ValueError: width 64 != 128'
+    """
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    if not isinstance(err, SuiteError):
+        text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def contradiction(row: dict[str, Any]) -> str | None:
+    """Why a stored result row cannot be what saebench wrote, or None: a verdict it does not
+    know, a pass/fail verdict without a finite value, or one that its own value and
+    threshold contradict.
+
+        >>> contradiction({"verdict": "pass", "value": 0.5, "threshold": ">= 0.9", ...})
+        'verdict pass, but value 0.5 fails >= 0.9'
+    """
+    from saebench.suite import parse_threshold
+
+    verdict = row.get("verdict")
+    if verdict not in VERDICTS:
+        return f"unknown verdict {verdict!r}"
+    if verdict not in ("pass", "fail", "xfail", "xpass"):
+        return None
+    values = {k: row.get(k) for k in ("value", "ci_low", "ci_high")}
+    if not isinstance(values["value"], float) or not math.isfinite(values["value"]):
+        return f"verdict {verdict} without a finite value"
+    if not row.get("threshold"):
+        return None if verdict in ("pass", "xpass") else f"verdict {verdict} without a threshold"
+    try:
+        threshold = parse_threshold(row["threshold"])
+    except ValueError:
+        return f"unreadable threshold {row['threshold']!r}"
+    passes = threshold.passes(values)
+    if passes != (verdict in ("pass", "xpass")):
+        return f"verdict {verdict}, but value {values['value']:.4g} " \
+               f"{'meets' if passes else 'fails'} {threshold}"
+    return None
+
+
+VERDICTS = ("pass", "fail", "xfail", "xpass", "error", "unstable", "skipped")
+"""Every verdict a result row can carry."""
 
 
 def _options(check: Check) -> dict[str, Any]:
@@ -61,15 +135,16 @@ def _needed_terms(check: Check) -> tuple[str, ...]:
     return get_metric(check.metric).terms(_metric_options(check))
 
 
-def _request_key(check: Check) -> tuple:
-    """Checks with the same key are one engine request (same set, same passes)."""
-    opts = _options(check)
-    return (check.dictionaries, check.task, opts["positions"], opts["error_term"],
-            opts["edits"])
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    return value
 
 
 class SuiteRun:
-    """A suite's resolved objects and the results of the checks computed so far.
+    """A suite's resolved objects, what is wrong with them, and the checks computed so far.
 
     `models` is a cache shared between suites, so a session loads each model once.
     """
@@ -79,108 +154,281 @@ class SuiteRun:
         self.suite = suite
         self.settings = settings
         self._models = models if models is not None else {}
-        self._objects: dict[str, Any] | None = None
-        self._unavailable: resolve.HubUnavailable | None = None
+        self.model: Any = None
+        self.tokens: torch.Tensor | None = None
+        self.prompts: dict[str, list] = {}
+        self.infos: dict[str, resolve.DictionaryInfo] = {}
+        self.provenance: dict[str, Any] = {}
+        self.device: torch.device | None = None
+        self._task_hashes: dict[str, str] = {}
+        self._dictionaries: dict[str, Dictionary] = {}
+        self._prompt_lengths: dict[str, list[int]] = {}
+        self._problems: dict[str, Problem] = {}
+        self._prepared = False
         self._terms: dict[tuple, dict[str, torch.Tensor]] = {}
         self._task_rows: dict[tuple, tuple[list[dict], list[dict]]] = {}
 
-    def objects(self) -> dict[str, Any]:
-        """The model, tokens, adapted dictionaries and tasks, loaded on first use.
+    # -- collection ------------------------------------------------------------------
 
-        A hub that cannot be reached is tried once per suite, not once per check.
+    def prepare(self) -> None:
+        """Load and validate everything that can be known before computing; once.
+
+        Raises SuiteError (or a located ValueError) for a problem of the whole suite; keeps
+        a `Problem` for each dictionary, task or check that cannot be used.
         """
-        if self._unavailable is not None:
-            raise self._unavailable
-        if self._objects is None:
-            try:
-                self._objects = self._load()
-            except resolve.HubUnavailable as err:
-                self._unavailable = err
-                raise
-        return self._objects
-
-    def _load(self) -> dict[str, Any]:
+        if self._prepared:
+            return
+        self._prepared = True
         suite, s = self.suite, self.settings
-        device = engine.resolve_device(s.device)
+        device = self.device = engine.resolve_device(s.device)
+        engine.check_device(device)
         dtype = engine.resolve_dtype(s.dtype)
+        try:
+            self.model = self._load_model(device, dtype)
+            data = suite.data if s.n_tokens is None else replace(suite.data, n_tokens=s.n_tokens)
+            self.tokens = resolve.resolve_tokens(data, self.model, suite_path=suite.path)
+        except resolve.HubUnavailable as err:
+            self._problems["suite"] = Problem("skipped", f"needs a model or dataset hub: {err}")
+            return
+        self.provenance = provenance(self.model, self.tokens, 0)
+        for name, spec in suite.tasks.items():
+            self._prepare_task(name, spec)
+        for name, spec in suite.dictionaries.items():
+            self._prepare_dictionary(name, spec, device)
+        for check in suite.checks:
+            self._prepare_check(check)
+
+    def _load_model(self, device: torch.device, dtype: torch.dtype | None) -> Any:
+        suite = self.suite
         key = (repr(suite.model), suite.path.parent, device, dtype)
         if key not in self._models:
-            self._models[key] = resolve.resolve_model(
-                suite.model, device=device, dtype=dtype, suite_path=suite.path,
-                dictionaries=suite.dictionaries.values())
-        model = self._models[key]
-        data = suite.data
-        if s.n_tokens is not None:
-            data = replace(data, n_tokens=s.n_tokens)
-        tokens = resolve.resolve_tokens(data, model, suite_path=suite.path)
-        raw = {name: resolve.resolve_dictionary(spec, device=device, suite_path=suite.path,
-                                                allow_factory=suite.allow_factory)
-               for name, spec in suite.dictionaries.items()}
-        tasks = {name: resolve.resolve_task(spec, suite_path=suite.path)
-                 for name, spec in suite.tasks.items()}
-        validate_resolved(suite, model, raw, tasks)
-        dictionaries = {name: resolve.adapt(suite.dictionaries[name], obj)
-                        for name, obj in raw.items()}
-        return {"model": model, "tokens": tokens, "dictionaries": dictionaries,
-                "tasks": tasks, "provenance": provenance(model, tokens, self._seed(None))}
+            try:
+                self._models[key] = resolve.resolve_model(
+                    suite.model, device=device, dtype=dtype, suite_path=suite.path,
+                    dictionaries=suite.dictionaries.values())
+            except (resolve.HubUnavailable, SuiteError):
+                raise
+            except (ValueError, OSError, RuntimeError, KeyError, TypeError) as err:
+                message = short(err)
+                if not message.startswith(str(suite.path)):
+                    message = f"cannot load the model ({message})"
+                raise SuiteError(str(suite.path), suite.model.line, "model", message) from None
+        return self._models[key]
 
-    def _seed(self, check: Check | None) -> int:
-        if self.settings.seed is not None:
-            return self.settings.seed
-        return _options(check)["seed"] if check is not None else 0
+    def _prepare_task(self, name: str, spec: Any) -> None:
+        file = str(self.suite.path)
+        try:
+            prompts = resolve.resolve_task(spec, suite_path=self.suite.path)
+            validate_task(file, spec, self.model, prompts)
+            batches = tasks.encode_prompts(self.model, prompts, len(prompts), [])
+        except SuiteError as err:
+            self._problems[f"task:{name}"] = Problem("error", str(err))
+            return
+        except (ValueError, IndexError) as err:
+            where = f"{file}:{spec.line}: tasks.{name}"
+            self._problems[f"task:{name}"] = Problem("error", f"{where}: {spec.ref}: {err}")
+            return
+        self.prompts[name] = prompts
+        self._prompt_lengths[name] = batches[0].lengths.tolist()
+        text = json.dumps([[p.prompt, p.answer, p.distractor, p.pos] for p in prompts])
+        self._task_hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _prepare_dictionary(self, name: str, spec: Any, device: torch.device) -> None:
+        file = str(self.suite.path)
+        try:
+            info = resolve.probe_dictionary(spec, suite_path=self.suite.path)
+            self.infos[name] = info
+            validate_dictionary(file, spec, self.model, (info.read_hook, info.d_in),
+                                (info.write_hook, info.d_out))
+            if spec.kind == "zoo":
+                self._load_dictionary(name, device)
+        except (SuiteError, ValueError) as err:
+            self._problems[f"dictionary:{name}"] = Problem("error", short(err))
+
+    def _load_dictionary(self, name: str, device: torch.device | str) -> Dictionary:
+        """Load, adapt and validate one dictionary; a failure is kept as its Problem."""
+        spec = self.suite.dictionaries[name]
+        file, where = str(self.suite.path), f"dictionaries.{name}"
+        try:
+            raw = resolve.resolve_dictionary(spec, device=device, suite_path=self.suite.path,
+                                             allow_factory=self.suite.allow_factory)
+            adapted = resolve.adapt(spec, raw)
+            validate_dictionary(file, spec, self.model, (adapted.read_hook, adapted.d_in),
+                                (adapted.write_hook, adapted.d_out))
+        except resolve.HubUnavailable as err:
+            self._problems[f"dictionary:{name}"] = Problem(
+                "skipped", f"needs a model or dataset hub: {short(err)}")
+            raise
+        except SuiteError as err:
+            self._problems[f"dictionary:{name}"] = Problem("error", short(err))
+            raise
+        except Exception as err:  # noqa: BLE001 -- user code and files: any failure is theirs
+            message = short(err)
+            if not message.startswith(file):
+                message = f"{file}:{spec.line}: {where}: cannot load ({message})"
+            self._problems[f"dictionary:{name}"] = Problem("error", message)
+            raise SuiteError(file, spec.line, where, message) from None
+        self._dictionaries[name] = adapted
+        known = self.infos.get(name)
+        self.infos[name] = resolve.DictionaryInfo(
+            adapted.read_hook, adapted.write_hook, adapted.d_in, adapted.d_out, adapted.d_sae,
+            known.identity if known is not None else {})
+        return adapted
+
+    def _prepare_check(self, check: Check) -> None:
+        """Check-level problems that need widths or token shapes: feature ids in range,
+        `k` no larger than the dictionary, positions inside the sequences."""
+        opts = _options(check)
+        where = f"{self.suite.path}:{check.line}: {check.where or check.id}.options"
+        problem = None
+        for edit in opts["edits"]:
+            d_sae = self.infos.get(edit.dictionary or check.dictionaries[0])
+            d_sae = d_sae.d_sae if d_sae is not None else None
+            bad = [f for f in edit.features if d_sae is not None and f >= d_sae]
+            if bad:
+                problem = (f"{where}.edits: features {bad} of {edit.dictionary!r} are outside "
+                           f"0..{d_sae - 1} (d_sae={d_sae})")
+        k = opts.get("k")
+        if k is not None and get_metric(check.metric).run_options and len(check.dictionaries):
+            info = self.infos.get(check.dictionaries[0])
+            if info is not None and info.d_sae is not None and k > info.d_sae:
+                problem = f"{where}.k: k={k} is more than the dictionary's {info.d_sae} features"
+        positions = opts["positions"]
+        if not isinstance(positions, str):
+            problem = problem or self._position_problem(check, positions, where)
+        if problem:
+            self._problems[f"check:{check.id}"] = Problem("error", problem)
+
+    def _position_problem(self, check: Check, positions: Any, where: str) -> str | None:
+        if check.task is None:
+            try:
+                position_mask(positions, 1, self.tokens.shape[1])
+            except IndexError as err:
+                return f"{where}.positions: {err}"
+            return None
+        for i, n in enumerate(self._prompt_lengths.get(check.task, [])):
+            bad = [p for p in ([positions] if isinstance(positions, int) else positions)
+                   if not -n <= p < n]
+            if bad:
+                return (f"{where}.positions: {bad} lie outside prompt {i} of task "
+                        f"{check.task!r}, which has {n} tokens")
+        return None
+
+    def problem(self, check: Check) -> Problem | None:
+        """What stops `check` from being computed, or None: the suite, one of its
+        dictionaries, its task or its own options. Errors win over skips."""
+        keys = ["suite", *(f"dictionary:{n}" for n in check.dictionaries),
+                *([f"task:{check.task}"] if check.task else []), f"check:{check.id}"]
+        found = [self._problems[k] for k in keys if k in self._problems]
+        errors = [p for p in found if p.verdict == "error"]
+        return (errors or found or [None])[0]
+
+    # -- computing -------------------------------------------------------------------
+
+    def _seed(self, check: Check) -> int:
+        return self.settings.seed if self.settings.seed is not None else _options(check)["seed"]
+
+    def _request_key(self, check: Check) -> tuple:
+        """Checks with the same key are one engine request: the same set, the same passes,
+        and the same values of every option that shapes their run (seeds included)."""
+        opts = {**_options(check), "seed": self._seed(check)}
+        shaping = tuple((k, opts.get(k)) for k in get_metric(check.metric).run_options)
+        return (check.dictionaries, check.task, opts["positions"], opts["error_term"],
+                opts["edits"], shaping)
 
     def compute(self, checks: Iterable[Check]) -> None:
-        """Compute every check among `checks` whose terms are not computed yet: one engine
-        run per batch size over the token data (their clean pass is shared), one task run
-        per task over its prompts."""
-        pending = [c for c in checks
-                   if not set(_needed_terms(c)) <= set(self._terms.get(_request_key(c), {}))]
-        if not pending:
-            return
-        objs = self.objects()
+        """Compute every check among `checks` that has no problem and whose terms are not
+        computed yet: one engine run per batch size over the token data (their clean pass
+        is shared), one task run per task. A run that fails is retried request by request,
+        so a failure is kept only for the checks of the request that caused it."""
+        self.prepare()
+        pending = [c for c in checks if self.problem(c) is None
+                   and not set(_needed_terms(c)) <= set(self._terms.get(self._request_key(c),
+                                                                       {}))]
+        for name in dict.fromkeys(n for c in pending for n in c.dictionaries):
+            if name not in self._dictionaries and f"dictionary:{name}" not in self._problems:
+                with contextlib.suppress(SuiteError, resolve.HubUnavailable):
+                    self._load_dictionary(name, self.device)  # a failure is kept
+        pending = [c for c in pending if self.problem(c) is None]
         by_run: dict[tuple, dict[tuple, list[Check]]] = defaultdict(lambda: defaultdict(list))
         for check in pending:
             run_key = (check.task, _options(check)["batch_size"])
-            by_run[run_key][_request_key(check)].append(check)
+            by_run[run_key][self._request_key(check)].append(check)
         for (task, batch_size), groups in by_run.items():
             options = engine.EngineOptions(batch_size=batch_size, progress=self.settings.progress)
-            if task is None:
-                requests = [self._request(i, key, group, objs)
-                            for i, (key, group) in enumerate(groups.items())]
-                terms = engine.run(objs["model"], objs["tokens"], requests, options)
-            else:
-                requests = [self._task_request(i, key, group, objs)
-                            for i, (key, group) in enumerate(groups.items())]
-                result = tasks.run_task(objs["model"], objs["tasks"][task], requests, options,
-                                        seed=self._seed(next(iter(groups.values()))[0]))
-                terms = result.terms
-                for key, request in zip(groups, requests, strict=True):
-                    self._task_rows[key] = (result.per_prompt.get(request.key, []),
-                                            result.features.get(request.key, []))
-            for key, request in zip(groups, requests, strict=True):
-                self._terms.setdefault(key, {}).update(terms[request.key])
+            self._run_isolated(task, options, groups)
 
-    def _task_request(self, index: int, key: tuple, group: list[Check],
-                      objs: dict) -> tasks.TaskRequest:
+    def _run_isolated(self, task: str | None, options: engine.EngineOptions,
+                      groups: dict[tuple, list[Check]]) -> None:
+        try:
+            self._run(task, options, groups)
+        except Exception as err:  # noqa: BLE001 -- a failure becomes its checks' error rows
+            if len(groups) > 1:
+                for key, group in groups.items():
+                    self._run_isolated(task, options, {key: group})
+                return
+            (group,) = groups.values()
+            for check in group:
+                self._problems[f"check:{check.id}"] = Problem(
+                    "error", f"the computation failed: {short(err)}")
+
+    def _run(self, task: str | None, options: engine.EngineOptions,
+             groups: dict[tuple, list[Check]]) -> None:
+        if task is None:
+            requests = [self._request(i, key, group) for i, (key, group) in
+                        enumerate(groups.items())]
+            terms = engine.run(self.model, self.tokens, requests, options)
+        else:
+            requests = [self._task_request(i, key, group) for i, (key, group) in
+                        enumerate(groups.items())]
+            result = tasks.run_task(self.model, self.prompts[task], requests, options)
+            terms = result.terms
+            for key, request in zip(groups, requests, strict=True):
+                self._task_rows[key] = (result.per_prompt.get(request.key, []),
+                                        result.features.get(request.key, []))
+        for key, request in zip(groups, requests, strict=True):
+            self._terms.setdefault(key, {}).update(terms[request.key])
+
+    def _task_request(self, index: int, key: tuple, group: list[Check]) -> tasks.TaskRequest:
         options = [_options(c) for c in group]
         metrics = {c.metric for c in group}
+        first = group[0]
         return tasks.TaskRequest(
             key=f"{index}:" + "+".join(key[0]),
-            dictionaries=tuple(objs["dictionaries"][name] for name in key[0]),
+            dictionaries=tuple(self._dictionaries[name] for name in key[0]),
             ablations=tuple(sorted({o["normalize"] for o in options} - {"none"})) or ("zero",),
             error_term=options[0]["error_term"],
             positions=options[0]["positions"],
             edits=_feature_edits(key, options[0]),
             dla="remainder_dla" in metrics,
-            feature_k=max((o.get("k") or 3 for o, c in zip(options, group, strict=True)
-                           if c.metric == "feature_ablation"), default=None),
+            feature_k=(options[0].get("k") or 3) if "feature_ablation" in metrics else None,
+            seed=self._seed(first),
+            n_boot=options[0]["n_boot"],
+        )
+
+    def _request(self, index: int, key: tuple, group: list[Check]) -> engine.Request:
+        dictionaries = tuple(self._dictionaries[name] for name in key[0])
+        metrics = [get_metric(c.metric) for c in group]
+        options = [_options(c) for c in group]
+        positions = options[0]["positions"]
+        return engine.Request(
+            key=f"{index}:" + "+".join(key[0]),
+            dictionaries=dictionaries,
+            downstream=any(m.kind == "downstream" for m in metrics),
+            reconstruction=len(dictionaries) == 1
+            and any(m.kind == "reconstruction" for m in metrics),
+            ablations=tuple(sorted({o["ablation"] for o in options})),
+            error_term=options[0]["error_term"],
+            positions=None if positions == "all" else positions,
+            edits=_feature_edits(key, options[0]),
+            **_pathological(group, options, self._seed(group[0])),
         )
 
     def extra_rows(self, check: Check) -> dict[str, list[dict[str, Any]]]:
         """Prompt-level and feature-level rows of a task check, for `per_prompt.csv` and
         `features.csv`: the logit differences with `logit_diff_recovered`, the DLA terms
         with `remainder_dla`, the feature table with `feature_ablation`."""
-        per_prompt, features = self._task_rows.get(_request_key(check), ([], []))
+        per_prompt, features = self._task_rows.get(self._request_key(check), ([], []))
         wanted = {"logit_diff_recovered": "ld_", "remainder_dla": "dla_"}.get(check.metric)
         base = {"suite": self.suite.name, "check_id": check.id,
                 "dictionary": "+".join(check.dictionaries), "task": check.task or ""}
@@ -194,60 +442,90 @@ class SuiteRun:
             out["features.csv"] = [{**base, **row} for row in features]
         return out
 
-    def _request(self, index: int, key: tuple, group: list[Check],
-                 objs: dict) -> engine.Request:
-        dictionaries = tuple(objs["dictionaries"][name] for name in key[0])
-        metrics = [get_metric(c.metric) for c in group]
-        options = [_options(c) for c in group]
-        positions = options[0]["positions"]
-        edits = _feature_edits(key, options[0])
-        return engine.Request(
-            key=f"{index}:" + "+".join(key[0]),
-            dictionaries=dictionaries,
-            downstream=any(m.kind == "downstream" for m in metrics),
-            reconstruction=len(dictionaries) == 1
-            and any(m.kind == "reconstruction" for m in metrics),
-            ablations=tuple(sorted({o["ablation"] for o in options})),
-            error_term=options[0]["error_term"],
-            positions=None if positions == "all" else positions,
-            edits=edits,
-            **_pathological(group, options, self._seed(group[0])),
-        )
+    # -- rows ------------------------------------------------------------------------
 
-    def result(self, check: Check) -> dict[str, Any]:
-        """The result row of `check` (computing its request if needed)."""
-        started = time.time()
-        self.compute([check])
-        objs = self.objects()
-        opts = _options(check)
-        metric = get_metric(check.metric)
-        summary = summarize(metric, self._terms[_request_key(check)], _metric_options(check),
-                            n_boot=opts["n_boot"], seed=self._seed(check))
-        verdict, message = judge(check, summary.value, summary.ci_low, summary.ci_high,
-                                 summary.n, summary.verdict, summary.reason)
-        hooks = ",".join(dict.fromkeys(objs["dictionaries"][n].write_hook
-                                       for n in check.dictionaries))
+    def fingerprint(self, check: Check) -> str:
+        """A hash of everything a check's value depends on: metric, task and its prompts,
+        every effective option and seed, the dictionaries' identities, the model, device,
+        dtype and token set. A stored row is reused only while this is unchanged; the
+        threshold and `expect` are not in it (a stored value is re-judged instead)."""
+        opts = {**_options(check), "seed": self._seed(check)}
+        content = {
+            "metric": check.metric, "task": check.task,
+            "prompts": self._task_hashes.get(check.task) if check.task else None,
+            "options": {k: _jsonable(v) for k, v in sorted(opts.items())},
+            "dictionaries": [{**self.infos[n].identity, "hook": self.suite.dictionaries[n].hook}
+                             if n in self.infos else n for n in check.dictionaries],
+            "model": repr(self.suite.model),
+            **{k: self.provenance.get(k) for k in ("device", "dtype", "token_set")},
+        }
+        text = json.dumps(content, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _row(self, check: Check, **fields: Any) -> dict[str, Any]:
+        """A result row of `check` with the identity and provenance columns filled in."""
+        hooks = ",".join(dict.fromkeys(
+            self.infos[n].write_hook or "" for n in check.dictionaries if n in self.infos))
+        model = self.suite.model
         return {
             "suite": self.suite.name, "check_id": check.id,
-            "model": self.suite.model.name or self.suite.model.path or self.suite.model.kind,
+            "model": model.name or model.path or model.kind,
             "dictionary": "+".join(check.dictionaries), "hook": hooks,
             "metric": check.metric, "task": check.task or "",
             "options": json.dumps({k: _jsonable(v) for k, v in check.options}, sort_keys=True),
-            "value": summary.value, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
-            "n": summary.n, "threshold": str(check.threshold or ""), "verdict": verdict,
-            "message": message, **objs["provenance"], "seed": self._seed(check),
-            "parts": json.dumps(summary.parts, sort_keys=True),
-            "higher_is_better": metric.higher_is_better,
-            "started_at": started, "duration_s": round(time.time() - started, 4),
+            "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": None,
+            "threshold": str(check.threshold or ""), **self.provenance,
+            "seed": self._seed(check),
+            "higher_is_better": get_metric(check.metric).higher_is_better,
+            "fingerprint": self.fingerprint(check),
+            **fields,
         }
+
+    def result(self, check: Check) -> dict[str, Any]:
+        """The result row of `check` (computing its request if needed); never raises for a
+        problem of the check's inputs or computation, which becomes its verdict."""
+        started = time.time()
+        self.compute([check])
+        problem = self.problem(check)
+        if problem is not None:
+            return self._row(check, verdict=problem.verdict, message=problem.message,
+                             started_at=started, duration_s=round(time.time() - started, 4))
+        opts = _options(check)
+        metric = get_metric(check.metric)
+        summary = summarize(metric, self._terms[self._request_key(check)],
+                            _metric_options(check), n_boot=opts["n_boot"],
+                            seed=self._seed(check))
+        verdict, message = judge(check, summary.value, summary.ci_low, summary.ci_high,
+                                 summary.n, summary.verdict, summary.reason)
+        return self._row(
+            check, value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
+            n=summary.n, verdict=verdict, message=message,
+            parts=json.dumps(summary.parts, sort_keys=True),
+            started_at=started, duration_s=round(time.time() - started, 4))
+
+    def reuse(self, check: Check, row: dict[str, Any]) -> dict[str, Any] | None:
+        """A stored row of `check` brought up to date, or None when it must be recomputed:
+        its fingerprint differs (the check or its inputs changed). A stored value is
+        re-judged against the check's current threshold and `expect`."""
+        if row.get("fingerprint") != self.fingerprint(check):
+            return None
+        if row["verdict"] not in ("pass", "fail", "xfail", "xpass"):
+            return {**row, "resumed": "reused"}
+        verdict, message = judge(check, row["value"], row["ci_low"], row["ci_high"],
+                                 int(row["n"]), "ok", "")
+        changed = (verdict, str(check.threshold or "")) != (row["verdict"], row["threshold"])
+        return {**row, "verdict": verdict, "message": message,
+                "threshold": str(check.threshold or ""),
+                "resumed": "re-judged" if changed else "reused"}
 
 
 def _pathological(group: list[Check], options: list[dict[str, Any]], seed: int) -> dict:
-    """The engine request fields for the `pathological_error` checks of a group."""
+    """The engine request fields for the `pathological_error` checks of a group (one
+    `n_draws` and seed per group: both are in the request key)."""
     wanted = [o for c, o in zip(group, options, strict=True) if c.metric == "pathological_error"]
     if not wanted:
         return {}
-    return {"pathological_draws": max(o.get("n_draws") or DEFAULT_DRAWS for o in wanted),
+    return {"pathological_draws": wanted[0].get("n_draws") or DEFAULT_DRAWS,
             "pathological_seed": seed,
             "pathological_baselines": tuple(sorted({o["baseline"] for o in wanted}))}
 
@@ -257,18 +535,15 @@ def _feature_edits(key: tuple, options: dict[str, Any]) -> tuple[FeatureEdit, ..
                  for e in options["edits"])
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
-    return value
-
-
 def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
           stat_verdict: str, reason: str) -> tuple[str, str]:
-    """(verdict, message) of a check: pass/fail against its threshold, or `unstable`/`error`
-    when the statistic itself is not usable; `expect: fail` turns them into xfail/xpass."""
+    """(verdict, message) of a check: pass/fail against its threshold, `unstable` when the
+    statistic's denominator is not usable, `error` (`empty` statistics included: nothing
+    was measured) otherwise; `expect: fail` turns pass/fail into xpass/xfail only.
+
+        >>> judge(check, 0.93, 0.92, 0.94, 581, "ok", "")
+        ('pass', 'ce_loss_recovered = 0.93 [0.92, 0.94] (n=581) meets >= 0.9')
+    """
     interval = ("no interval" if math.isnan(ci_low) and math.isnan(ci_high)
                 else f"[{_fmt(ci_low)}, {_fmt(ci_high)}]")
     shown = f"{check.metric} = {_fmt(value)} {interval} (n={n})"
@@ -283,11 +558,10 @@ def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
         verdict, message = "pass", f"{shown} meets {check.threshold}"
     else:
         verdict, message = "fail", f"{shown} fails {check.threshold}"
-    if check.expect == "fail" and verdict != "error":
+    if check.expect == "fail" and verdict in ("pass", "fail"):
         verdict = "xpass" if verdict == "pass" else "xfail"
     return verdict, message
 
 
 def _fmt(x: float) -> str:
     return "nan" if math.isnan(x) else f"{x:.4g}"
-

@@ -140,6 +140,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device("cpu")
 
 
+def check_device(device: torch.device) -> None:
+    """Raise ValueError, saying why, when `device` cannot be used on this machine."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {device}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device}: saebench runs on cpu, cuda or mps")
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """A torch dtype from a name such as "float32" or "bfloat16" (None keeps the model's)."""
     if dtype is None or isinstance(dtype, torch.dtype):

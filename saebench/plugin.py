@@ -1,11 +1,14 @@
 """The pytest plugin: YAML suites become pytest items, run with `pytest -m eval`.
 
-A suite file under a suite directory (`saebench_suite_dirs`, default `suites/`), given on
-the command line, or named with `--suite` is collected as pytest's non-python tests are:
-one item per check, marked `eval`, with a readable id such as
-`suites/toy.yaml::resid-L2-topk16::ce_loss_recovered[zero]`. A check's group is computed
-lazily, once per session (per xdist worker), and each finished check is appended to
-`reports/<run-id>/results.csv`; `report.md` is written when the session ends.
+A suite file under a suite directory (`saebench_suite_dirs`, default `suites/` of the
+invocation directory), given on the command line, or named with `--suite` is collected as
+pytest's non-python tests are: one item per check, marked `eval`, with a readable id such
+as `suites/toy.yaml::resid-L2-topk16::ce_loss_recovered[zero]`. Collecting a suite loads
+and validates its model, data, tasks and dictionary configurations once, so bad input is a
+located collection error (or, when one dictionary or task is bad, an `[error]` of just the
+checks that use it). A check's group is computed lazily, once per session (per xdist
+worker), and each finished check is appended to `reports/<run-id>/results.csv`;
+`report.md` is written when the session ends.
 
     pytest -m eval                                  # every suite under suites/
     pytest -m eval --suite my_saes.yaml -k resid    # one suite, a selection of its checks
@@ -14,12 +17,18 @@ lazily, once per session (per xdist worker), and each finished check is appended
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from saebench.discovery import is_suite_file, pytest_load_initial_conftests  # noqa: F401
+
 STATE = pytest.StashKey["_State"]()
+DTYPES = ("float32", "float16", "bfloat16", "float64", "float", "half", "double")
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,8 +36,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--suite", action="append", default=[], metavar="PATH",
                     help="collect this suite file (repeatable); replaces the default paths")
     group.addoption("--saebench-device", default=None,
-                    help="device for models and dictionaries (default: cuda, mps, cpu)")
-    group.addoption("--saebench-dtype", default=None, help="model dtype, e.g. float32, bfloat16")
+                    help="device for models and dictionaries: cpu, cuda, cuda:N or mps "
+                         "(default: cuda, mps, cpu, the first available)")
+    group.addoption("--saebench-dtype", default=None,
+                    help=f"model dtype: {', '.join(DTYPES[:4])} (default: the model's)")
     group.addoption("--saebench-tokens", type=int, default=None,
                     help="evaluate on this many tokens (overrides each suite's data.n_tokens)")
     group.addoption("--saebench-report-dir", default="reports",
@@ -36,15 +47,35 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--saebench-seed", type=int, default=None,
                     help="seed for bootstrap intervals (overrides each check's seed)")
     group.addoption("--saebench-resume", default=None, metavar="RUN_DIR",
-                    help="continue an interrupted run: finished checks are read, not recomputed")
+                    help="continue an interrupted run: finished checks whose inputs are "
+                         "unchanged are read, not recomputed")
     group.addoption("--saebench-progress", action="store_true",
                     help="show a progress bar for each engine run")
     parser.addini("saebench_suite_dirs", "directories whose YAML files are suites",
                   type="paths", default=[])
 
 
+def _check_options(config: pytest.Config) -> None:
+    """Refuse option values that cannot work, before anything is collected."""
+    opt = config.getoption
+    device, dtype, n_tokens = (opt("--saebench-device"), opt("--saebench-dtype"),
+                               opt("--saebench-tokens"))
+    if device is not None and not _DEVICE_RE.match(device):
+        raise pytest.UsageError(f"--saebench-device {device!r}: expected cpu, cuda, cuda:N "
+                                "or mps")
+    if dtype is not None and dtype.removeprefix("torch.") not in DTYPES:
+        raise pytest.UsageError(f"--saebench-dtype {dtype!r}: expected one of "
+                                f"{', '.join(DTYPES)}")
+    if n_tokens is not None and n_tokens < 1:
+        raise pytest.UsageError(f"--saebench-tokens {n_tokens}: expected a positive number "
+                                "of tokens")
+    report_dir = Path(opt("--saebench-report-dir"))
+    if report_dir.exists() and not report_dir.is_dir():
+        raise pytest.UsageError(f"--saebench-report-dir {report_dir}: not a directory")
+
+
 class _State:
-    """Per-process state: the run directory, settings, shared models and suite runs."""
+    """Per-process state: the run directory, settings, suite runs and resumable rows."""
 
     def __init__(self, config: pytest.Config) -> None:
         from saebench import report
@@ -66,10 +97,11 @@ class _State:
         self.settings = RunSettings(device=opt("--saebench-device"), dtype=opt("--saebench-dtype"),
                                     n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"),
                                     progress=opt("--saebench-progress"))
-        self.finished = _finished_rows(self.run_dir) if resume else {}
+        self.stored, self.seen = _stored_rows(self.run_dir) if resume else ({}, set())
         self.models: dict[Any, Any] = {}
         self.runs: dict[Path, Any] = {}
         self.selected: dict[Path, list] = {}
+        self.pending: dict[Path, list] = {}
 
     def suite_run(self, suite):
         from saebench.checks import SuiteRun
@@ -78,19 +110,58 @@ class _State:
             self.runs[suite.path] = SuiteRun(suite, self.settings, self.models)
         return self.runs[suite.path]
 
+    def reusable(self, run, check) -> dict | None:
+        """The stored row of `check`, brought up to date, when it may be reused."""
+        row = self.stored.get(check.id)
+        return None if row is None else run.reuse(check, row)
 
-def _finished_rows(run_dir: Path) -> dict[str, dict]:
+    def pending_checks(self, run, suite, check) -> list:
+        """The selected checks of `suite` that must be computed (not reusable)."""
+        if suite.path not in self.pending:
+            self.pending[suite.path] = [c for c in self.selected.get(suite.path, [check])
+                                        if self.reusable(run, c) is None]
+        return self.pending[suite.path]
+
+
+def _stored_rows(run_dir: Path) -> tuple[dict[str, dict], set[str]]:
+    """The rows of a run directory that `--saebench-resume` may reuse, by check id, and the
+    ids of every check with a row.
+
+    A torn last line is dropped, rows that do not parse or contradict their own verdict are
+    listed in a warning and recomputed, and a results.csv of another layout is refused.
+    """
     from saebench import report
+    from saebench.checks import contradiction
 
-    if not (run_dir / "results.csv").is_file():
-        return {}
-    done = report.finished_check_ids(run_dir)
-    rows = report.read_results(run_dir)
-    return {r["check_id"]: r for r in rows.to_dict("records") if r["check_id"] in done}
+    path = run_dir / report.RESULTS_FILE
+    if not path.is_file():
+        return {}, set()
+    try:
+        report.check_results_header(path)
+        refused: list[str] = []
+        rows = report.read_results(run_dir, refused=refused)
+    except ValueError as err:
+        raise pytest.UsageError(f"--saebench-resume {run_dir}: {err}; start a new run "
+                                "instead") from None
+    stored = {}
+    bad_ids = {line.split(": ", 2)[1] for line in refused if line.count(": ") >= 2}
+    for row in rows.to_dict("records"):
+        problem = contradiction(row)
+        if problem is not None:
+            refused.append(f"check {row['check_id']}: {problem}")
+        elif row["verdict"] != "error" and row["check_id"] not in bad_ids:
+            stored[row["check_id"]] = row
+    if refused:
+        shown = "; ".join(refused[:5]) + (f"; and {len(refused) - 5} more"
+                                          if len(refused) > 5 else "")
+        warnings.warn(f"{path}: {len(refused)} row(s) refused and recomputed: {shown}",
+                      stacklevel=2)
+    return stored, set(rows["check_id"]) | bad_ids
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "eval: a saebench suite check (`pytest -m eval`)")
+    _check_options(config)
     config.stash[STATE] = _State(config)
     suites = config.getoption("--suite")
     if suites:
@@ -104,19 +175,8 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput["saebench_run_dir"] = str(node.config.stash[STATE].run_dir)
 
 
-def _is_suite_file(file_path: Path, config: pytest.Config) -> bool:
-    if file_path.suffix not in (".yaml", ".yml"):
-        return False
-    resolved = file_path.resolve()
-    explicit = {Path(a.split("::")[0]).resolve() for a in config.args}
-    if resolved in explicit:
-        return True
-    dirs = config.getini("saebench_suite_dirs") or [config.rootpath / "suites"]
-    return any(resolved.is_relative_to(Path(d).resolve()) for d in dirs)
-
-
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
-    if _is_suite_file(file_path, parent.config):
+    if is_suite_file(file_path, parent.config):
         return SuiteFile.from_parent(parent, path=file_path)
     return None
 
@@ -134,7 +194,8 @@ class SuiteFile(pytest.File):
 
         try:
             suite = load_suite(self.path)
-        except SuiteError as err:
+            self.config.stash[STATE].suite_run(suite).prepare()
+        except (SuiteError, ValueError) as err:
             raise self.CollectError(str(err)) from None
         scopes: dict[str, list] = {}
         for check in suite.checks:
@@ -161,7 +222,11 @@ class CheckGroup(pytest.Collector):
 
 
 class CheckFailed(Exception):
-    """A check's verdict was not a pass; the message says value, interval, threshold, n."""
+    """A check's verdict was fail: the message says value, interval, threshold and n."""
+
+
+class CheckErrored(Exception):
+    """A check could not be judged (error, unstable): never an expected failure."""
 
 
 class CheckItem(pytest.Item):
@@ -189,29 +254,35 @@ class CheckItem(pytest.Item):
 
     def runtest(self) -> None:
         from saebench import report
-        from saebench.resolve import HubUnavailable
 
         state: _State = self.config.stash[STATE]
-        row = state.finished.get(self.check.id)
-        if row is None:
-            run = state.suite_run(self.suite)
-            try:
+        run = state.suite_run(self.suite)
+        row = state.reusable(run, self.check)
+        if row is None or row["resumed"] == "re-judged":
+            if row is None:
                 if not state.is_worker:
-                    run.compute(state.selected.get(self.suite.path, [self.check]))
+                    run.compute(state.pending_checks(run, self.suite, self.check))
                 row = run.result(self.check)
-            except HubUnavailable as err:
-                pytest.skip(f"needs a model or dataset hub: {err}")
-            report.append_rows(state.run_dir / "results.csv",
-                               [{"run_id": state.run_id, **row}])
-            for name, rows in run.extra_rows(self.check).items():
+                row["resumed"] = "recomputed" if self.check.id in state.seen else ""
+                extra = run.extra_rows(self.check)
+            else:
+                extra = {}
+            report.append_rows(state.run_dir / report.RESULTS_FILE,
+                               [{**row, "run_id": state.run_id}])
+            for name, rows in extra.items():
                 if rows:
                     report.append_rows(state.run_dir / name,
                                        [{"run_id": state.run_id, **r} for r in rows])
-        if row["verdict"] not in ("pass", "xpass"):
-            raise CheckFailed(f"[{row['verdict']}] {row['message']}")
+        verdict, message = row["verdict"], row["message"]
+        if verdict == "skipped":
+            pytest.skip(message)
+        if verdict in ("fail", "xfail"):
+            raise CheckFailed(f"[{verdict}] {message}")
+        if verdict not in ("pass", "xpass"):
+            raise CheckErrored(f"[{verdict}] {message}")
 
     def repr_failure(self, excinfo, style=None):
-        if isinstance(excinfo.value, CheckFailed):
+        if isinstance(excinfo.value, CheckFailed | CheckErrored):
             return f"{self.check.id}: {excinfo.value}"
         return super().repr_failure(excinfo, style=style)
 
@@ -232,7 +303,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from saebench import report
 
     state: _State = session.config.stash[STATE]
-    if not state.is_worker and (state.run_dir / "results.csv").is_file():
+    if not state.is_worker and (state.run_dir / report.RESULTS_FILE).is_file():
         report.write_report(state.run_dir)
 
 

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import csv
 import fcntl
+import io
 import json
 import math
 import numbers
@@ -55,7 +56,7 @@ RESULT_COLUMNS: list[str] = [
     "value", "ci_low", "ci_high", "n", "threshold", "verdict", "message",
     "saebench_version", "sae_lens_version", "transformer_lens_version", "torch_version",
     "device", "dtype", "token_set", "seed",
-    "parts", "higher_is_better", "started_at", "duration_s",
+    "parts", "higher_is_better", "started_at", "duration_s", "fingerprint", "resumed",
 ]
 PER_PROMPT_BASE_COLUMNS: list[str] = [
     "run_id", "suite", "check_id", "dictionary", "task", "prompt_index", "prompt", "answer",
@@ -299,50 +300,102 @@ def append_rows(
 # --------------------------------------------------------------------------- reading rows
 
 
-def _decode_column(column: str, cells: list[str], path: Path) -> Any:
-    """Typed values of one column: float64, nullable Int64 / boolean, or str."""
-    try:
-        if column in _FLOAT_COLUMNS:
-            return [float(c) if c else math.nan for c in cells]
-        if column in _INT_COLUMNS:
-            return pd.array([int(c) if c else pd.NA for c in cells], dtype="Int64")
-        if column in _BOOL_COLUMNS:
-            lowered = [c.strip().lower() for c in cells]
-            if any(c and c not in _TRUE | _FALSE for c in lowered):
-                raise ValueError("not a boolean")
-            return pd.array([c in _TRUE if c else pd.NA for c in lowered], dtype="boolean")
-    except ValueError as exc:
-        raise ValueError(f"{path}: column {column!r} holds a malformed value ({exc})") from None
-    return cells
+def _decode_cell(column: str, cell: str) -> Any:
+    """The typed value of one cell: float, int or bool (missing: NaN / pd.NA), or the text.
+
+    Raises ValueError for a cell that does not fit its column.
+    """
+    if column in _FLOAT_COLUMNS:
+        return float(cell) if cell else math.nan
+    if column in _INT_COLUMNS:
+        return int(cell) if cell else pd.NA
+    if column in _BOOL_COLUMNS:
+        text = cell.strip().lower()
+        if text and text not in _TRUE | _FALSE:
+            raise ValueError("not a boolean")
+        return text in _TRUE if text else pd.NA
+    return cell
 
 
-def _empty_column(column: str, length: int) -> Any:
-    """A column of missing values of the column's type."""
-    return _decode_column(column, [""] * length, Path())
+def _column(column: str, values: list[Any]) -> Any:
+    """A column of decoded values with its type: float64, nullable Int64 / boolean, or str."""
+    if column in _INT_COLUMNS:
+        return pd.array(values, dtype="Int64")
+    if column in _BOOL_COLUMNS:
+        return pd.array(values, dtype="boolean")
+    return values
 
 
-def read_table(path: Path, columns: Sequence[str] = ()) -> pd.DataFrame:
+def _complete_text(path: Path) -> str:
+    """The text of a CSV file without a last record torn by a killed writer (warned)."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = _complete_prefix(data)
+        warnings.warn(f"{path}: dropped a torn last row ({len(data) - keep} bytes)",
+                      stacklevel=3)
+        data = data[:keep]
+    return data.decode("utf-8", errors="replace")
+
+
+def read_table(path: Path, columns: Sequence[str] = (),
+               refused: list[str] | None = None) -> pd.DataFrame:
     """All rows of a CSV file written by `append_rows`, with their types restored.
 
-    Columns in `columns` that the file lacks are added empty (older files); malformed rows
-    (wrong number of fields) are skipped with a warning.
+    Columns in `columns` that the file lacks are added empty (older files). A torn last
+    row is dropped; a row with the wrong number of fields or a cell that does not fit its
+    column is skipped, described as `line N: <check id>: why` in `refused` (or in a warning
+    when no list is given).
 
     >>> read_table(run_dir / "features.csv", FEATURE_COLUMNS)
     """
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, [])
-        records = []
-        for record in reader:
-            if len(record) == len(header):
-                records.append(record)
-            else:
-                warnings.warn(f"{path}:{reader.line_num}: skipped a malformed row", stacklevel=2)
+    reader = csv.reader(io.StringIO(_complete_text(path), newline=""))
+    header = next(reader, [])
+    id_at = header.index("check_id") if "check_id" in header else None
+    problems: list[str] = []
+    records = []
+    for record in reader:
+        ident = record[id_at] if id_at is not None and id_at < len(record) else "?"
+        if len(record) != len(header):
+            problems.append(f"line {reader.line_num}: {ident}: {len(record)} fields, not "
+                            f"{len(header)}")
+            continue
+        values = []
+        for column, cell in zip(header, record, strict=True):
+            try:
+                values.append(_decode_cell(column, cell))
+            except ValueError:
+                problems.append(f"line {reader.line_num}: {ident}: column {column!r} holds "
+                                f"{cell[:40]!r}")
+                break
+        else:
+            records.append(values)
+    if refused is not None:
+        refused.extend(problems)
+    elif problems:
+        warnings.warn(f"{path}: skipped {len(problems)} malformed row(s): "
+                      f"{'; '.join(problems[:3])}", stacklevel=2)
     names = [*header, *(c for c in columns if c not in header)]
-    data = {c: _decode_column(c, [r[i] for r in records], path) for i, c in enumerate(header)}
-    data.update({c: _empty_column(c, len(records)) for c in names[len(header) :]})
+    data = {c: _column(c, [r[i] for r in records]) for i, c in enumerate(header)}
+    data.update({c: _column(c, [_decode_cell(c, "")] * len(records))
+                 for c in names[len(header):]})
     return pd.DataFrame(data, columns=names)
+
+
+def check_results_header(path: Path) -> None:
+    """Raise ValueError, in one sentence, when a results.csv does not have the columns this
+    version of saebench writes (a resumed run appends to it)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f), [])
+    if header != RESULT_COLUMNS:
+        missing = [c for c in RESULT_COLUMNS if c not in header]
+        extra = [c for c in header if c not in RESULT_COLUMNS]
+        what = "; ".join(part for part in (
+            f"missing {', '.join(missing)}" if missing else "",
+            f"unknown {', '.join(extra[:5])}" if extra else "",
+            "the same columns in another order" if not missing and not extra else "") if part)
+        raise ValueError(f"{path} does not have the columns of a saebench results file "
+                         f"({what})")
 
 
 def _results_path(run_dir: Path) -> Path:
@@ -351,17 +404,20 @@ def _results_path(run_dir: Path) -> Path:
     return run_dir if run_dir.is_file() else run_dir / RESULTS_FILE
 
 
-def read_results(run_dir: Path) -> pd.DataFrame:
+def read_results(run_dir: Path, refused: list[str] | None = None) -> pd.DataFrame:
     """The results of a run, one row per check: the last row of a check wins (resumed or
     retried checks), kept at the place of the check's first row. `run_dir` may also be the
-    path of a results.csv.
+    path of a results.csv; rows that do not parse are skipped (see `read_table`).
 
     >>> read_results(Path("reports/20261123-081530-ab12"))[["check_id", "value", "verdict"]]
     """
     path = _results_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"no {RESULTS_FILE} at {path}")
-    table = read_table(path, RESULT_COLUMNS)
+    table = read_table(path, RESULT_COLUMNS, refused)
+    if "check_id" not in table.columns or "verdict" not in table.columns:
+        raise ValueError(f"{path} is not a saebench results file (no check_id and verdict "
+                         "columns)")
     columns = [*RESULT_COLUMNS, *(c for c in table.columns if c not in RESULT_COLUMNS)]
     order = table.drop_duplicates("check_id", keep="first")["check_id"]
     last = table.drop_duplicates("check_id", keep="last").set_index("check_id")

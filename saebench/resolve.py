@@ -21,12 +21,14 @@ path and line are known, else a ValueError; both name the offending file.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
 import itertools
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from sae_lens.loading.pretrained_saes_directory import (
     get_pretrained_saes_directory,
 )
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
@@ -502,6 +504,129 @@ def resolve_dictionary(spec: DictionarySpec, *, device: str | torch.device,
     if spec.kind == "factory":
         return _call_factory(spec, allow_factory, suite_path, field)
     raise _error(suite_path, spec.line, field, f"unknown dictionary kind {spec.kind!r}")
+
+
+@dataclass(frozen=True)
+class DictionaryInfo:
+    """What a dictionary entry's files say before its weights are loaded.
+
+    Hooks and widths are None where the format does not say without loading (releases,
+    factories); `identity` names exactly which dictionary this is (its source and a hash
+    of its files), so a stored result can be matched to it.
+    """
+
+    read_hook: str | None
+    write_hook: str | None
+    d_in: int | None
+    d_out: int | None
+    d_sae: int | None
+    identity: dict[str, str]
+
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+_IDENTITY_FILES = ("cfg.json", WEIGHTS_FILE)
+
+
+def _sha256(paths: Iterable[Path]) -> str:
+    """A short sha256 over the bytes of `paths`, streamed."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) -> DictionaryInfo:
+    """Read a dictionary entry's configuration without loading its weights, and check it.
+
+    `zoo` and `path` entries are sae_lens directories: `cfg.json` is parsed by sae_lens'
+    own config class for its architecture, and the header of `sae_weights.safetensors` is
+    checked to hold W_enc / W_dec of the configured shapes (a truncated or pickled file is
+    refused here). Problems raise a located error at the entry.
+    """
+    field = f"dictionaries.{spec.name}"
+    if spec.kind == "release":
+        return DictionaryInfo(None, spec.hook, None, None, None,
+                              {"source": f"{spec.release}:{spec.sae_id}"})
+    if spec.kind == "factory":
+        args = json.dumps(spec.args, sort_keys=True, default=str)
+        return DictionaryInfo(spec.hook, spec.hook, None, None, None,
+                              {"source": f"factory:{spec.ref} {args}"})
+    directory = (loading.zoo_dir() / paths.dictionary_dir(spec.ref) if spec.kind == "zoo"
+                 else _local(spec.ref, suite_path))
+    try:
+        info = _probe_sae_lens_dir(directory)
+    except ValueError as err:
+        raise _error(suite_path, spec.line, field, str(err)) from None
+    source = f"zoo:{spec.ref}" if spec.kind == "zoo" else f"path:{directory}"
+    identity = {"source": source,
+                "sha256": _sha256(directory / name for name in _IDENTITY_FILES)}
+    read = spec.hook or info["read"]
+    write = info["write"] if info["write"] != info["read"] else read
+    return DictionaryInfo(read, write, info["d_in"], info["d_out"], info["d_sae"], identity)
+
+
+def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
+    """Hooks and widths from a sae_lens directory's config, its weights header checked."""
+    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    cfg_file, weights = directory / "cfg.json", directory / WEIGHTS_FILE
+    found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ValueError(f"{directory} is not a sae_lens dictionary directory: expected "
+                         f"cfg.json and {WEIGHTS_FILE} (as SAE.save_model writes them); "
+                         f"found {found}")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{cfg_file}: not valid JSON ({_first_line(err)})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_file}: expected a JSON object")
+    architecture = raw.get("architecture", "standard")
+    if architecture not in SAE_CLASS_REGISTRY:
+        raise ValueError(f"{cfg_file}: unknown architecture {architecture!r}"
+                         f"{_suggest(str(architecture), SAE_CLASS_REGISTRY)}; sae_lens knows "
+                         f"{', '.join(SAE_CLASS_REGISTRY)}")
+    try:
+        cfg = SAE_CLASS_REGISTRY[architecture][1].from_dict(handle_config_defaulting(raw))
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{cfg_file}: not a valid {architecture} config "
+                         f"({_first_line(err)})") from None
+    d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
+    d_out = int(getattr(cfg, "d_out", None) or d_in)
+    _check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
+    read = cfg.metadata.hook_name
+    return {"read": read, "write": getattr(cfg.metadata, "hook_name_out", None) or read,
+            "d_in": d_in, "d_out": d_out, "d_sae": d_sae}
+
+
+def _check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """`path` is a complete safetensors file whose tensors in `shapes` have those shapes."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in shapes
+                     if name in names}
+    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(err)}); "
+                         "a pickled or truncated file is refused") from None
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + header_len + end > size:
+        raise ValueError(f"{path}: truncated ({size} bytes, its header describes "
+                         f"{8 + header_len + end})")
+    for name, shape in shapes.items():
+        if name in found and found[name] != shape:
+            raise ValueError(f"{path}: {name} has shape {list(found[name])}, but cfg.json "
+                             f"says {list(shape)}")
 
 
 def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | None,

@@ -82,7 +82,7 @@ import operator
 import re
 import reprlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -387,6 +387,7 @@ class ModelSpec:
     name: str | None = None
     path: str | None = None
     kwargs: dict = field(default_factory=dict)
+    line: int = field(default=0, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -450,6 +451,8 @@ class Check:
     threshold: Threshold | None
     expect: str
     line: int
+    where: str = ""
+    """The check's entry in the file (`checks[3]`), for located errors."""
 
     @property
     def group_key(self) -> tuple:
@@ -651,7 +654,7 @@ class _Parser:
             name = self.string(node, "suite")
         if (node := top.get("allow_factory")) is not None:
             self.allow_factory = bool(self.optional(node, "allow_factory", _bool))
-        model = self.model(top.items["model"][1])
+        model = replace(self.model(top.items["model"][1]), line=_line(top.items["model"][0]))
         data = self.data(*top.items["data"]) if "data" in top.items else DataSpec()
         tasks = self.tasks(top.get("tasks"))
         dictionaries = self.dictionaries(top.items["dictionaries"][1])
@@ -1035,7 +1038,7 @@ class _Parser:
                 seen[check_id] = _line(item)
                 out.append(Check(check_id, suite, metric, members, task,
                                  tuple(sorted(resolved.items())), threshold, expect,
-                                 _line(item)))
+                                 _line(item), path))
         return tuple(out)
 
     def check_threshold(self, metric: str, threshold: Threshold, options: dict[str, Any],
@@ -1173,34 +1176,50 @@ def validate_resolved(suite: Suite, model: Any, dictionaries: Mapping[str, Any],
     file = str(suite.path)
     for name, obj in dictionaries.items():
         spec = suite.dictionaries[name]
-        where = f"dictionaries.{name}"
         try:
             adapted = as_dictionary(obj, name=name, hook=spec.hook)
         except (TypeError, ValueError) as err:
-            raise SuiteError(file, spec.line, where, f"cannot use what was loaded: {err}") from None
-        for role, hook, width in (("reads", adapted.read_hook, adapted.d_in),
-                                  ("writes", adapted.write_hook, adapted.d_out)):
-            if hook not in model.hook_dict:
-                close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
-                hint = f"; similar hooks: {', '.join(close)}" if close else ""
-                raise SuiteError(file, spec.line, where,
-                                 f"{role} hook {hook!r}, which the model does not have{hint}")
-            expected = hook_width(model.cfg, hook)
-            if width is not None and expected is not None and int(width) != expected[0]:
-                size = "d_in" if role == "reads" else "d_out"
-                raise SuiteError(file, spec.line, where,
-                                 f"{size}={width}, but the model's activation at {hook!r} has "
-                                 f"width {expected[0]} ({expected[1]})")
+            raise SuiteError(file, spec.line, f"dictionaries.{name}",
+                             f"cannot use what was loaded: {err}") from None
+        validate_dictionary(file, spec, model, (adapted.read_hook, adapted.d_in),
+                            (adapted.write_hook, adapted.d_out))
     if suite.data.context is not None and suite.data.context > model.cfg.n_ctx:
         raise SuiteError(file, suite.data.line, "data.context",
                          f"{suite.data.context} is longer than the model's n_ctx "
                          f"({model.cfg.n_ctx})")
     for name, prompts in tasks.items():
-        spec = suite.tasks[name]
-        if getattr(model, "tokenizer", None) is None:
-            raise SuiteError(file, spec.line, f"tasks.{name}",
-                             "the model has no tokenizer, so answers cannot be checked")
-        _check_single_tokens(model, prompts, file, spec)
+        validate_task(file, suite.tasks[name], model, prompts)
+
+
+def validate_dictionary(file: str, spec: DictionarySpec, model: Any,
+                        reads: tuple[str | None, int | None],
+                        writes: tuple[str | None, int | None]) -> None:
+    """The hooks a dictionary reads and writes, (hook, width) each, fit the model: the hook
+    exists and, where both are known, the widths agree. A SuiteError at the entry if not."""
+    where = f"dictionaries.{spec.name}"
+    for role, (hook, width) in (("reads", reads), ("writes", writes)):
+        if hook is None:
+            continue
+        if hook not in model.hook_dict:
+            close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
+            hint = f"; similar hooks: {', '.join(close)}" if close else ""
+            raise SuiteError(file, spec.line, where,
+                             f"{role} hook {_quote(hook)}, which the model does not have{hint}")
+        expected = hook_width(model.cfg, hook)
+        if width is not None and expected is not None and int(width) != expected[0]:
+            size = "d_in" if role == "reads" else "d_out"
+            raise SuiteError(file, spec.line, where,
+                             f"{size}={width}, but the model's activation at {hook!r} has "
+                             f"width {expected[0]} ({expected[1]})")
+
+
+def validate_task(file: str, spec: TaskSpec, model: Any, prompts: list) -> None:
+    """Every prompt of a task fits the model: answers and distractors are single known
+    tokens. A SuiteError at the task's entry if not."""
+    if getattr(model, "tokenizer", None) is None:
+        raise SuiteError(file, spec.line, f"tasks.{spec.name}",
+                         "the model has no tokenizer, so answers cannot be checked")
+    _check_single_tokens(model, prompts, file, spec)
 
 
 def _check_single_tokens(model: Any, prompts: list, file: str, spec: TaskSpec) -> None:

@@ -71,7 +71,9 @@ class TaskRequest:
     position only) or ints (per prompt; negative ones count from the end of the prompt's
     own tokens). `ablations` are the baselines (zero / mean) at the same write hook(s).
     `dla` asks for the remainder DLA and `feature_k` for the ablation of the top-k
-    features; both need exactly one dictionary.
+    features; both need exactly one dictionary. `seed` and `n_boot` drive the bootstrap
+    intervals of the feature table (each request its own, so a request's results never
+    depend on which others share the run).
 
         >>> TaskRequest("r2", (d,), ablations=("zero", "mean"), positions="answer", dla=True)
     """
@@ -84,6 +86,8 @@ class TaskRequest:
     edits: tuple[FeatureEdit, ...] = ()
     dla: bool = False
     feature_k: int | None = None
+    seed: int = 0
+    n_boot: int = 1000
 
     def __post_init__(self) -> None:
         dictionaries = tuple(d if isinstance(d, Dictionary) else as_dictionary(d)
@@ -321,16 +325,13 @@ def run_task(
     prompts: Sequence[TaskPrompt],
     requests: Sequence[TaskRequest],
     options: EngineOptions | None = None,
-    *,
-    seed: int = 0,
-    n_boot: int = 1000,
 ) -> TaskResult:
     """Measure every request on `prompts`: terms, per-prompt rows and feature tables.
 
     `options` gives the batch size and the special tokens (BOS/EOS/PAD of the model's
     tokenizer unless `special_token_ids` or `exclude_special_tokens=False` says otherwise);
-    the model's own device and dtype are used. `seed` and `n_boot` drive the bootstrap
-    intervals of the feature table; everything else is deterministic.
+    the model's own device and dtype are used. Everything but the feature table's
+    intervals (each request's `seed` and `n_boot`) is deterministic.
     """
     options = options or EngineOptions()
     check_requests(model, requests)
@@ -372,7 +373,7 @@ def run_task(
         rows = [{"prompt_index": i, "prompt": p.prompt, "answer": p.answer,
                  "distractor": p.distractor} for i, p in enumerate(prompts)]
         if request.feature_k is not None:
-            table, joint = _feature_ablation(runner, request, terms["ld_spliced"], seed, n_boot)
+            table, joint = _feature_ablation(runner, request, terms["ld_spliced"])
             result.features[request.key] = table
             terms["ld_topk_zeroed"] = joint
         for name, values in terms.items():
@@ -458,8 +459,8 @@ def _dla_terms(runner: _Runner, request: TaskRequest,
     return out
 
 
-def _feature_ablation(runner: _Runner, request: TaskRequest, ld_spliced: Tensor, seed: int,
-                      n_boot: int) -> tuple[list[dict], Tensor]:
+def _feature_ablation(runner: _Runner, request: TaskRequest, ld_spliced: Tensor
+                      ) -> tuple[list[dict], Tensor]:
     """The top-k feature table and the LDs with the top 1..k features zeroed jointly."""
     d = request.dictionaries[0]
     n = runner.n
@@ -479,7 +480,7 @@ def _feature_ablation(runner: _Runner, request: TaskRequest, ld_spliced: Tensor,
     mean_act = sums / count
     k = min(request.feature_k, d.d_sae)
     top = torch.sort(mean_act, descending=True, stable=True).indices[:k].tolist()
-    weights = bootstrap_weights(n, n_boot, seed) if n > 1 else None
+    weights = bootstrap_weights(n, request.n_boot, request.seed) if n > 1 else None
     table = []
     joint = torch.empty(n, k, dtype=torch.float64)
     for j, f in enumerate(top):

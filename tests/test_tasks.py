@@ -245,8 +245,8 @@ def test_a_feature_that_never_fires_has_no_effect():
     hook = "blocks.1.hook_resid_pre"
     d = wrap(WithDead(), model, hook, extra=2)
     ps = prompts()
-    req = TaskRequest("d", (d,), feature_k=d.d_sae)
-    result = run_task(model, ps, [req], OPTIONS, n_boot=50)
+    req = TaskRequest("d", (d,), feature_k=d.d_sae, n_boot=50)
+    result = run_task(model, ps, [req], OPTIONS)
     rows = {row["feature"]: row for row in result.features["d"]}
     assert len(rows) == d.d_sae
     for dead in (d.d_sae - 2, d.d_sae - 1):
@@ -278,9 +278,9 @@ def test_a_feature_that_never_fires_has_no_effect():
 def test_results_are_deterministic_given_the_seed():
     model = tiny_model(seed=6)
     d = wrap(Scaled(), model, "blocks.1.hook_resid_pre")
-    req = TaskRequest("d", (d,), ablations=("zero", "mean"), dla=True, feature_k=3)
-    a, b, c = (run_task(model, prompts(), [req], OPTIONS, seed=s, n_boot=200)
-               for s in (0, 0, 1))
+    a, b, c = (run_task(model, prompts(), [TaskRequest(
+        "d", (d,), ablations=("zero", "mean"), dla=True, feature_k=3, seed=s, n_boot=200)],
+        OPTIONS) for s in (0, 0, 1))
     assert a.per_prompt == b.per_prompt and a.features == b.features
     for name, col in a.terms.items():
         assert all(torch.equal(col[k], b.terms[name][k]) for k in col)

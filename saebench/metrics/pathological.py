@@ -80,4 +80,5 @@ PATHOLOGICAL_ERROR = register_metric(Metric(
     parts_of=_parts,
     count="n_kl",
     bounds=NON_NEGATIVE,
+    run_options=("n_draws", "seed"),
 ))

@@ -80,6 +80,8 @@ class Metric:
     depends on them), so a threshold that no value can fail, or pass, is refused.
     `needs_splice`: the value means something only if the splice changed a counted position
     (true for downstream and task metrics whose terms come from the spliced run).
+    `run_options` name the options that shape the run producing the terms (not only their
+    summary), so checks that differ in them never share a run.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Metric:
     count: str | None = None
     bounds: tuple[float, float] | Callable[[Options], tuple[float, float]] = UNBOUNDED
     needs_splice: bool = True
+    run_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -175,4 +175,5 @@ register_metric(Metric(
     parts_of=lambda s, o: {"ld_spliced": _mean(s, "ld_spliced"),
                            "ld_topk_zeroed": _topk_zeroed(s, o) / s["n_prompts"],
                            "k": s["n_prompts"].new_tensor(top_k(o))},
+    run_options=("k", "seed", "n_boot"),
 ))
