@@ -19,6 +19,7 @@ checks; `result` turns a check into a result row with a verdict.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -113,7 +114,7 @@ def contradiction(row: dict[str, Any]) -> str | None:
     return None
 
 
-VERDICTS = ("pass", "fail", "xfail", "xpass", "error", "unstable", "skipped")
+VERDICTS = ("pass", "fail", "xfail", "xpass", "error", "empty", "unstable", "skipped")
 """Every verdict a result row can carry."""
 
 
@@ -167,6 +168,13 @@ class SuiteRun:
         self._prepared = False
         self._terms: dict[tuple, dict[str, torch.Tensor]] = {}
         self._task_rows: dict[tuple, tuple[list[dict], list[dict]]] = {}
+
+    def fresh(self) -> SuiteRun:
+        """A run over the same prepared objects that has computed nothing yet: what a check
+        computed on its own sees (a test compares it with the whole suite's run)."""
+        run = copy.copy(self)
+        run._terms, run._task_rows, run._problems = {}, {}, dict(self._problems)
+        return run
 
     # -- collection ------------------------------------------------------------------
 
@@ -538,8 +546,8 @@ def _feature_edits(key: tuple, options: dict[str, Any]) -> tuple[FeatureEdit, ..
 def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
           stat_verdict: str, reason: str) -> tuple[str, str]:
     """(verdict, message) of a check: pass/fail against its threshold, `unstable` when the
-    statistic's denominator is not usable, `error` (`empty` statistics included: nothing
-    was measured) otherwise; `expect: fail` turns pass/fail into xpass/xfail only.
+    statistic's denominator is not usable, `empty` when nothing was measured, `error` when
+    it could not be computed; `expect: fail` turns pass/fail into xpass/xfail only.
 
         >>> judge(check, 0.93, 0.92, 0.94, 581, "ok", "")
         ('pass', 'ce_loss_recovered = 0.93 [0.92, 0.94] (n=581) meets >= 0.9')
@@ -549,6 +557,8 @@ def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
     shown = f"{check.metric} = {_fmt(value)} {interval} (n={n})"
     if stat_verdict == "unstable":
         verdict, message = "unstable", f"{shown} is unstable: {reason}"
+    elif stat_verdict == "empty":
+        verdict, message = "empty", f"nothing was measured for {check.metric}: {reason}"
     elif stat_verdict != "ok":
         verdict, message = "error", f"{check.metric} could not be computed ({stat_verdict}): " \
                                     f"{reason}"

@@ -75,12 +75,13 @@ VERDICT_MARKS: dict[str, str] = {
     "xpass": "❗",
     "error": "💥",
     "unstable": "❓",
+    "empty": "⭕",
     "skipped": "⏩",
 }
 """One wide emoji per verdict (no variation selectors, so terminal tables stay aligned);
 tables always print the verdict's name next to its mark."""
 UNKNOWN_MARK = "❔"
-PROBLEM_VERDICTS = ("fail", "error", "unstable")
+PROBLEM_VERDICTS = ("fail", "error", "empty", "unstable")
 """Verdicts listed first in a suite's check table."""
 
 _COLUMNS_BY_FILE = {

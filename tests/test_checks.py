@@ -1,0 +1,92 @@
+"""Suite checks computed through `SuiteRun`: a check's row does not depend on the others."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from saebench import loading
+from saebench.checks import RunSettings, SuiteRun
+from saebench.suite import load_suite
+
+TOY = Path(__file__).resolve().parents[1] / "suites" / "toy.yaml"
+SAME = ("value", "ci_low", "ci_high", "n", "verdict", "message", "parts", "options", "seed",
+        "fingerprint")
+
+
+def _same(a, b) -> bool:
+    both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return both_nan or a == b
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> SuiteRun:
+    """The toy suite's checks, prepared on 16 sequences of its held-out tokens and the first
+    40 prompts of each task (so that every check can also run alone in a few seconds)."""
+    directory = tmp_path_factory.mktemp("toy")
+    text = TOY.read_text()
+    for task in ("ioi", "closing_quote", "agreement"):
+        prompts = loading.load_task(task)[:40]
+        (directory / f"{task}.jsonl").write_text("".join(
+            json.dumps(dataclasses.asdict(p)) + "\n" for p in prompts))
+        text = text.replace(f"{{zoo: {task}}}", f"{{path: {task}.jsonl}}")
+    (directory / "toy.yaml").write_text(text)
+    run = SuiteRun(load_suite(directory / "toy.yaml"), RunSettings(device="cpu", n_tokens=2048))
+    run.prepare()
+    return run
+
+
+def test_every_toy_check_gives_the_same_row_alone_and_in_the_suite(toy_run):
+    together = toy_run.fresh()
+    together.compute(toy_run.suite.checks)
+    differ = []
+    for check in toy_run.suite.checks:
+        alone, shared = toy_run.fresh().result(check), together.result(check)
+        differ += [f"{check.id}.{k}: {alone[k]!r} alone, {shared[k]!r} in the suite"
+                   for k in SAME if not _same(alone[k], shared[k])]
+    assert not differ, "\n".join(differ[:20])
+    assert len(toy_run.suite.checks) == 199
+
+
+MIXED = """\
+model: zoo
+data: {source: zoo, n_tokens: 1024}
+tasks: {quote: {zoo: closing_quote}}
+dictionaries: {good: {zoo: resid-L2-topk16}}
+defaults: {options: {n_boot: 50}}
+checks:
+  - metric: pathological_error
+    dictionaries: [good]
+    options: {baseline: isotropic, n_draws: 1}
+  - metric: pathological_error
+    dictionaries: [good]
+    options: {baseline: covariance, n_draws: 3, seed: 5}
+  - metric: feature_ablation
+    dictionaries: [good]
+    task: quote
+    options: {k: 1}
+  - metric: feature_ablation
+    dictionaries: [good]
+    task: quote
+    options: {k: 2, seed: 3, n_boot: 80}
+"""
+
+
+def test_checks_sharing_a_run_keep_their_own_draws_seeds_and_tables(tmp_path):
+    """Options that shape a run (n_draws, seeds, the feature table's k and n_boot) differ
+    between these checks: sharing a run must not hand one check the other's."""
+    (tmp_path / "mixed.yaml").write_text(MIXED)
+    prepared = SuiteRun(load_suite(tmp_path / "mixed.yaml"), RunSettings(device="cpu"))
+    prepared.prepare()
+    together = prepared.fresh()
+    together.compute(prepared.suite.checks)
+    for check in prepared.suite.checks:
+        alone = prepared.fresh()
+        assert alone.result(check)["value"] == together.result(check)["value"], check.id
+        assert alone.extra_rows(check) == together.extra_rows(check), check.id
+    tables = [together.extra_rows(c).get("features.csv") for c in prepared.suite.checks[2:]]
+    assert [len(t) for t in tables] == [1, 2]
