@@ -541,6 +541,11 @@ def _summary(results: pd.DataFrame, run_dir: Path) -> str:
     ]
     if provenance:
         lines += ["", "Provenance: " + " · ".join(provenance)]
+    resumed = results["resumed"].value_counts()
+    if len(resumed.drop("", errors="ignore")):
+        lines += ["", f"Resumed: {resumed.get('recomputed', 0)} check(s) recomputed because "
+                  f"they or their inputs changed (or their rows were damaged), "
+                  f"{resumed.get('re-judged', 0)} re-judged against a changed threshold."]
     return "\n".join(lines)
 
 

@@ -205,3 +205,18 @@ def test_task_checks_write_prompt_and_feature_rows(pytester):
         "good::feature_ablation[quote,k=2]"}
     report = (run_dir / "report.md").read_text()
     assert "## Worst prompts" in report and "## Feature ablations" in report
+
+
+def test_an_existing_report_dir_given_space_separated_is_not_taken_for_a_path(
+        pytester, tmp_path_factory):
+    """pytest decides its rootdir before our options are known; `--saebench-report-dir DIR`
+    with DIR an existing directory elsewhere must still find the project's suites and ini."""
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\naddopts = "-k l0"\n')
+    (pytester.path / "suites").mkdir()
+    (pytester.path / "suites" / "mini.yaml").write_text(SUITE)
+    elsewhere = tmp_path_factory.mktemp("ci-reports")
+    out = pytester.runpytest_subprocess("-m", "eval", "--saebench-report-dir", str(elsewhere))
+    out.assert_outcomes(passed=2)
+    assert f"rootdir: {pytester.path}" in out.stdout.str()
+    (run_dir,) = elsewhere.iterdir()
+    assert sorted(pd.read_csv(run_dir / "results.csv")["check_id"]) == ["good::l0", "poor::l0"]
