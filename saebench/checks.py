@@ -46,7 +46,7 @@ from saebench.suite import (
     validate_task,
 )
 
-MESSAGE_LIMIT = 300
+MESSAGE_LIMIT = 600
 """A message in a result row or a failure is cut to about this many characters."""
 
 
@@ -217,10 +217,11 @@ class SuiteRun:
             except (resolve.HubUnavailable, SuiteError):
                 raise
             except (ValueError, OSError, RuntimeError, KeyError, TypeError) as err:
-                message = short(err)
-                if not message.startswith(str(suite.path)):
-                    message = f"cannot load the model ({message})"
-                raise SuiteError(str(suite.path), suite.model.line, "model", message) from None
+                text = (str(err).strip().splitlines() or [""])[0]
+                if isinstance(err, ValueError) and text.startswith(str(suite.path)):
+                    raise ValueError(text) from None  # already located by `resolve`
+                raise SuiteError(str(suite.path), suite.model.line, "model",
+                                 f"cannot load the model ({short(err)})") from None
         return self._models[key]
 
     def _prepare_task(self, name: str, spec: Any) -> None:
@@ -311,7 +312,7 @@ class SuiteRun:
         if check.task is None:
             try:
                 position_mask(positions, 1, self.tokens.shape[1])
-            except IndexError as err:
+            except (IndexError, ValueError, RuntimeError) as err:
                 return f"{where}.positions: {err}"
             return None
         for i, n in enumerate(self._prompt_lengths.get(check.task, [])):

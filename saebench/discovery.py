@@ -26,9 +26,18 @@ def suite_dirs(config: pytest.Config) -> list[Path]:
     return [Path(d).resolve() for d in dirs]
 
 
+_EXPLICIT = pytest.StashKey[tuple[tuple[str, ...], set[Path]]]()
+
+
 def explicit_paths(config: pytest.Config) -> set[Path]:
-    """The paths given on the command line (or by `--suite`), without any `::node` suffix."""
-    return {Path(arg.split("::")[0]).resolve() for arg in config.args}
+    """The paths given on the command line (or by `--suite`), without any `::node` suffix;
+    computed once per set of arguments (pytest asks for every file it collects)."""
+    args = tuple(config.args)
+    cached = config.stash.get(_EXPLICIT, None)
+    if cached is None or cached[0] != args:
+        cached = (args, {Path(arg.split("::")[0]).resolve() for arg in args})
+        config.stash[_EXPLICIT] = cached
+    return cached[1]
 
 
 def is_suite_file(file_path: Path, config: pytest.Config) -> bool:

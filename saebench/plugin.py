@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,14 @@ def _check_options(config: pytest.Config) -> None:
     if n_tokens is not None and n_tokens < 1:
         raise pytest.UsageError(f"--saebench-tokens {n_tokens}: expected a positive number "
                                 "of tokens")
+    seed = opt("--saebench-seed")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise pytest.UsageError(f"--saebench-seed {seed}: expected an integer in [0, 2**63)")
     report_dir = Path(opt("--saebench-report-dir"))
-    if report_dir.exists() and not report_dir.is_dir():
-        raise pytest.UsageError(f"--saebench-report-dir {report_dir}: not a directory")
+    existing = next(p for p in (report_dir, *report_dir.parents) if p.exists())
+    if not existing.is_dir():
+        what = "not a directory" if existing == report_dir else f"{existing} is a file"
+        raise pytest.UsageError(f"--saebench-report-dir {report_dir}: {what}")
 
 
 class _State:
@@ -102,6 +108,7 @@ class _State:
         self.runs: dict[Path, Any] = {}
         self.selected: dict[Path, list] = {}
         self.pending: dict[Path, list] = {}
+        self.resumed: Counter[str] = Counter()
 
     def suite_run(self, suite):
         from saebench.checks import SuiteRun
@@ -273,6 +280,8 @@ class CheckItem(pytest.Item):
                 if rows:
                     report.append_rows(state.run_dir / name,
                                        [{"run_id": state.run_id, **r} for r in rows])
+        if self.check.id in state.seen:
+            state.resumed[row["resumed"]] += 1
         verdict, message = row["verdict"], row["message"]
         if verdict == "skipped":
             pytest.skip(message)
@@ -309,5 +318,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     state: _State = config.stash[STATE]
+    if state.resumed:
+        counts = ", ".join(f"{n} {what}" for what, n in sorted(state.resumed.items()))
+        terminalreporter.write_line(f"saebench resume of {state.run_dir}: {counts}")
     if not state.is_worker and (state.run_dir / "report.md").is_file():
         terminalreporter.write_line(f"saebench report: {state.run_dir / 'report.md'}")

@@ -25,6 +25,7 @@ import hashlib
 import importlib
 import itertools
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -101,10 +102,11 @@ def _local(path: str, suite_path: Path | None) -> Path:
     return resolved
 
 
-def _first_line(err: BaseException) -> str:
-    """`ErrorType: first line of its message`."""
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    """`ErrorType: first line of its message`, cut to about `limit` characters."""
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    line = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 @contextmanager
@@ -208,7 +210,7 @@ def resolve_model(
       any download. Kwargs in `_PROCESSING` (all off by default) choose TransformerLens'
       weight processing; the others go to its config.
     """
-    where = _where(suite_path, 0, "model")
+    where = _where(suite_path, spec.line, "model")
     if spec.kind == "zoo":
         return loading.load_zoo_model(device, dtype)
     if spec.kind == "path":
@@ -358,8 +360,10 @@ def _read_token_file(path: Path, fail: _Fail) -> torch.Tensor:
             content: Any = load_file(str(path))
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError) as err:
-        raise fail(f"{path}: cannot read token ids ({_first_line(err)})") from None
+    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError,
+            pickle.UnpicklingError) as err:
+        raise fail(f"{path}: cannot read token ids ({_first_line(err)}); only tensors are "
+                   "loaded from .pt files (weights_only)") from None
     if isinstance(content, dict):
         if "tokens" not in content:
             raise fail(f"{path}: no 'tokens' entry (found: {', '.join(map(str, content))})")

@@ -284,14 +284,41 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
+SEED_RANGE = (0, 2**63 - 1)
+"""Seeds are what a torch generator takes: non-negative and below 2**63."""
+MAX_POSITION = 2**31 - 1
+
+
+def _seed(value: Any) -> int:
+    seed = _int(value, SEED_RANGE[0])
+    if seed > SEED_RANGE[1]:
+        raise ValueError(f"must be an integer in [0, 2**63 - 1], got {_quote(value)}")
+    return seed
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
+def _position(value: Any) -> int:
+    position = _int(value)
+    if abs(position) > MAX_POSITION:
+        raise _OutOfRange(f"position {_quote(value)} is out of range (|position| <= 2**31 - 1)")
+    return position
+
+
 def _positions(value: Any) -> str | int | tuple[int, ...]:
-    if value in ("all", "answer") or (isinstance(value, int) and not isinstance(value, bool)):
+    if value in ("all", "answer"):
         return value
-    if isinstance(value, list) and value:
-        try:
-            return tuple(_int(v) for v in value)
-        except ValueError:
-            pass
+    try:
+        if isinstance(value, list) and value:
+            return tuple(_position(v) for v in value)
+        if not isinstance(value, list):
+            return _position(value)
+    except _OutOfRange:
+        raise
+    except ValueError:
+        pass
     raise ValueError(f'must be "all", "answer" (task checks: each prompt\'s answer position), '
                      f"an integer or a non-empty list of integers (negative counts from the "
                      f"end), got {_quote(value)}")
@@ -348,7 +375,7 @@ OPTIONS: dict[str, Option] = {
                               _fraction, 0.01),
     "n_boot": Option("bootstrap resamples for the confidence interval", _positive_int, 1000,
                      in_id=None),
-    "seed": Option("seed for the bootstrap and random baselines", _int, 0, in_id=None),
+    "seed": Option("seed for the bootstrap and random baselines", _seed, 0, in_id=None),
     "edits": Option("feature edits: [{dictionary, features: [ints], value}]", _edits, (),
                     changes_passes=True),
     "k": Option("how many top features a feature-level metric looks at", _positive_int),
@@ -360,6 +387,10 @@ OPTIONS: dict[str, Option] = {
     "baseline": Option("pathological_error's random baseline: isotropic or covariance",
                        _choice("isotropic", "covariance"), "isotropic", in_id="value"),
 }
+
+
+SPLICE_ONLY = ("positions", "error_term")
+"""Options that only a metric measured on a spliced run can take."""
 
 
 def _render(value: Any) -> str:
@@ -692,7 +723,7 @@ class _Parser:
         spec = self.mapping(node, "data", DATA_KEYS)
         n_tokens = self.optional(spec.get("n_tokens"), "data.n_tokens", _positive_int)
         context = self.optional(spec.get("context"), "data.context", lambda v: _int(v, 2))
-        seed = self.optional(spec.get("seed"), "data.seed", _int) or 0
+        seed = self.optional(spec.get("seed"), "data.seed", _seed) or 0
         common = dict(n_tokens=n_tokens, context=context, seed=seed, line=_line(key_node))
         source = spec.get("source")
         if source is None or (isinstance(source, ScalarNode) and source.tag != _NULL
@@ -739,14 +770,13 @@ class _Parser:
             if kind == "zoo" and not _ZOO_NAME_RE.match(ref):
                 self.fail(ref_node, ref_path, f"{ref!r} is not a zoo task name")
             if kind == "path":
+                # its rows are read when the suite is prepared: a bad row fails that task only
                 ref = self.local_path(ref_node, ref_path, ref, "file")
-            try:
-                if kind == "zoo":
+            else:
+                try:
                     loading.load_task(ref)
-                else:
-                    loading.load_task_file(Path(ref))
-            except (OSError, ValueError) as err:
-                self.fail(ref_node, ref_path, str(err))
+                except (OSError, ValueError) as err:
+                    self.fail(ref_node, ref_path, str(err))
             tasks[name] = TaskSpec(name, kind, ref, _line(key_node))
         return tasks
 
@@ -914,12 +944,14 @@ class _Parser:
             return {}
         spec = self.mapping(node, path, OPTIONS)
         out = {}
-        for key, (_, value_node) in spec.items.items():
+        for key, (key_node, value_node) in spec.items.items():
+            # an alias (`*name`) is the anchor's node, which starts where the anchor does
+            blame = value_node if _line(value_node) >= _line(key_node) else key_node
             value = self.value(value_node, spec.sub(key))
             try:
-                out[key] = (OPTIONS[key].parse(value), value_node, spec.sub(key))
+                out[key] = (OPTIONS[key].parse(value), blame, spec.sub(key))
             except ValueError as err:
-                self.fail(value_node, spec.sub(key), f"{err} ({OPTIONS[key].help})")
+                self.fail(blame, spec.sub(key), f"{err} ({OPTIONS[key].help})")
         return out
 
     def threshold(self, node: Node, path: str) -> Threshold | None:
@@ -999,6 +1031,11 @@ class _Parser:
             elif is_task_metric:
                 self.fail(item, path, f"{metric} is measured on a task's prompts: give task:")
             own = self.options(spec.get("options"), spec.sub("options"))
+            if getattr(get_metric(metric), "kind", "") == "reconstruction":
+                for key in set(own) & set(SPLICE_ONLY):
+                    self.fail(own[key][1], own[key][2], f"{metric} is measured on the "
+                              "dictionary's reconstruction of every position, without "
+                              f"splicing, so {key} does not apply")
             options = {**defaults, **own}
             threshold = default_threshold
             if (threshold_node := spec.get("threshold")) is not None:
@@ -1220,6 +1257,15 @@ def validate_task(file: str, spec: TaskSpec, model: Any, prompts: list) -> None:
         raise SuiteError(file, spec.line, f"tasks.{spec.name}",
                          "the model has no tokenizer, so answers cannot be checked")
     _check_single_tokens(model, prompts, file, spec)
+    unk = model.tokenizer.unk_token_id
+    for i, prompt in enumerate(prompts):
+        ids = model.to_tokens(_field(prompt, "prompt"), prepend_bos=False, truncate=False)[0]
+        problem = ("has no token" if len(ids) == 0 else
+                   "holds words outside the tokenizer's vocabulary (they map to the unknown "
+                   "token)" if unk is not None and bool((ids == unk).any()) else None)
+        if problem is not None:
+            raise SuiteError(file, spec.line, f"tasks.{spec.name}",
+                             f"prompt {i} ({_quote(_field(prompt, 'prompt'))}) {problem}")
 
 
 def _check_single_tokens(model: Any, prompts: list, file: str, spec: TaskSpec) -> None:

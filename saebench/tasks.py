@@ -120,6 +120,10 @@ class TaskRequest:
             if not dictionaries[0].has_features:
                 raise ValueError(f"{self.key}: feature ablation needs a dictionary with "
                                  "encode/decode (feature activations)")
+            d_sae = dictionaries[0].d_sae
+            if d_sae is not None and self.feature_k > d_sae:
+                raise ValueError(f"{self.key}: feature_k={self.feature_k} is more than the "
+                                 f"dictionary's {d_sae} features")
 
     @property
     def write_hooks(self) -> tuple[str, ...]:
@@ -478,7 +482,7 @@ def _feature_ablation(runner: _Runner, request: TaskRequest, ld_spliced: Tensor
 
     _, nll_spliced = runner.splice(request, request.edits, accumulate)
     mean_act = sums / count
-    k = min(request.feature_k, d.d_sae)
+    k = request.feature_k
     top = torch.sort(mean_act, descending=True, stable=True).indices[:k].tolist()
     weights = bootstrap_weights(n, request.n_boot, request.seed) if n > 1 else None
     table = []

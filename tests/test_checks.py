@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,24 @@ def test_checks_sharing_a_run_keep_their_own_draws_seeds_and_tables(tmp_path):
         assert alone.extra_rows(check) == together.extra_rows(check), check.id
     tables = [together.extra_rows(c).get("features.csv") for c in prepared.suite.checks[2:]]
     assert [len(t) for t in tables] == [1, 2]
+
+
+def test_a_bad_task_row_fails_only_that_tasks_checks_naming_the_entry_and_the_row(tmp_path):
+    (tmp_path / "mine.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
+        model: zoo
+        tasks:
+          mine: {path: mine.jsonl}
+        dictionaries: {a: {zoo: resid-L0-topk16}}
+        checks:
+          - {metric: l0, dictionaries: [a]}
+          - {metric: sign_agreement, dictionaries: [a], task: mine}
+        """))
+    run = SuiteRun(load_suite(tmp_path / "s.yaml"), RunSettings(device="cpu", n_tokens=1024))
+    run.prepare()
+    l0, task_check = run.suite.checks
+    assert run.problem(l0) is None
+    problem = run.problem(task_check)
+    assert problem.verdict == "error"
+    assert problem.message.startswith(f"{tmp_path / 's.yaml'}:3: tasks.mine: ")
+    assert "mine.jsonl:1: field 'distractor'" in problem.message

@@ -352,8 +352,8 @@ def test_new_run_id_sorts_by_time() -> None:
 
 
 def test_marks_cover_every_verdict() -> None:
-    assert set(VERDICT_MARKS) == {"pass", "fail", "xfail", "xpass", "error", "unstable",
-                                  "skipped"}
+    assert set(VERDICT_MARKS) == {"pass", "fail", "xfail", "xpass", "error", "empty",
+                                  "unstable", "skipped"}
     assert len(set(VERDICT_MARKS.values())) == len(VERDICT_MARKS)
 
 
