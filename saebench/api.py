@@ -7,25 +7,25 @@
     >>> df = evaluate(model, saes, tokens, metrics=["ce_loss_recovered", "l0"])
     >>> df[["dictionary", "metric", "value", "ci_low", "ci_high", "verdict"]]
 
-One row per (dictionary, metric, options) with the value, its 95% bootstrap interval over
-sequences, n, a verdict (`ok`, `unstable`, `nan`, `empty`) with its reason, the raw parts of
-ratios, and provenance (library versions, device, dtype, token-set hash, seed).
+One row per (dictionary, metric, options), with the columns of a suite's result row
+(`saebench.results.RESULT_COLUMNS`): the value, its 95% bootstrap interval over sequences,
+n, a verdict of the statistic (`ok`, `unstable`, `nan`, `empty`; no threshold is judged
+here) with its reason in `message`, the raw parts of ratios, the dictionary's identity and
+provenance (library versions, device, dtype, token-set hash, seed), plus `error_term`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from importlib.metadata import version
 from typing import Any
 
 import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from saebench import engine
+from saebench import engine, results
 from saebench.metrics import pathological as patho
 from saebench.metrics.registry import Metric, get_metric
 from saebench.splice import Dictionary, FeatureEdit, as_dictionary
@@ -41,20 +41,19 @@ ABLATION_METRICS = ("ce_loss_recovered", "kl_div_score")
 
 def token_set_hash(tokens: torch.Tensor) -> str:
     """A short sha256 of a token tensor's values (provenance: which tokens were evaluated)."""
-    return hashlib.sha256(tokens.detach().to(torch.int64).cpu().numpy().tobytes()).hexdigest()[:16]
+    return results.short_hash(tokens.detach().to(torch.int64).cpu().numpy().tobytes())
+
+
+def model_hash(model: HookedTransformer) -> str:
+    """A short hash of the model's configuration (which model a row measured)."""
+    return results.short_hash(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str))
 
 
 def provenance(model: HookedTransformer, tokens: torch.Tensor, seed: int) -> dict[str, Any]:
-    """Library versions, device, dtype, token-set hash and seed of an evaluation."""
+    """The provenance columns (`saebench.results.provenance`) of an evaluation."""
     param = next(model.parameters())
-    return {
-        **{f"{pkg.replace('-', '_')}_version": version(pkg)
-           for pkg in ("saebench", "sae-lens", "transformer-lens", "torch")},
-        "device": str(param.device),
-        "dtype": str(param.dtype).removeprefix("torch."),
-        "token_set": token_set_hash(tokens),
-        "seed": seed,
-    }
+    return results.provenance(str(param.device), str(param.dtype).removeprefix("torch."),
+                              token_set_hash(tokens), seed)
 
 
 def _as_sets(dictionaries: Any) -> dict[str, tuple[Dictionary, ...]]:
@@ -151,10 +150,11 @@ def evaluate(
                                    special_token_ids=_special_ids(exclude_special_tokens),
                                    progress=progress)
     terms = engine.run(model, tokens, requests, options)
-    base = provenance(model, tokens, seed)
+    base = {**provenance(model, tokens, seed), "model_hash": model_hash(model),
+            "error_term": error_term}
     rows = []
     for request in requests:
-        hooks = ",".join(dict.fromkeys(d.write_hook for d in request.dictionaries))
+        identity = _identity(request.dictionaries)
         for metric in metric_objs:
             if metric.kind == "reconstruction" and not request.reconstruction:
                 continue
@@ -167,13 +167,30 @@ def evaluate(
                 continue
             for opts in _option_sets(metric, kinds, n_draws):
                 summary = summarize(metric, terms[request.key], opts, n_boot=n_boot, seed=seed)
-                rows.append({
-                    "dictionary": request.key, "hook": hooks, "metric": metric.name,
-                    "options": json.dumps(opts, sort_keys=True),
-                    "value": summary.value, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
-                    "n": summary.n, "verdict": summary.verdict, "reason": summary.reason,
-                    "higher_is_better": metric.higher_is_better,
-                    "parts": json.dumps(summary.parts, sort_keys=True),
-                    "error_term": error_term, **base,
-                })
-    return pd.DataFrame(rows)
+                suffix = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
+                rows.append(results.row(
+                    check_id=f"{request.key}::{metric.name}" + (f"[{suffix}]" if suffix else ""),
+                    dictionary=request.key, metric=metric.name,
+                    options=json.dumps(opts, sort_keys=True),
+                    value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
+                    n=summary.n, verdict=summary.verdict, message=summary.reason,
+                    higher_is_better=metric.higher_is_better,
+                    parts=json.dumps(summary.parts, sort_keys=True), **identity,
+                    **{k: v for k, v in base.items() if k != "error_term"}))
+    frame = pd.DataFrame(rows, columns=results.RESULT_COLUMNS)
+    frame["error_term"] = error_term
+    return frame
+
+
+def _identity(group: tuple[Dictionary, ...]) -> dict[str, Any]:
+    """The identity columns of a spliced set, joined with `+` (what the objects tell)."""
+    def joined(values) -> str:
+        return "+".join(str(v) for v in values)
+
+    return {"hook": joined(dict.fromkeys(d.write_hook for d in group)),
+            "source": joined(type(d.module).__name__ for d in group),
+            "architecture": joined(d.architecture for d in group),
+            "d_in": group[0].d_in if len(group) == 1 else None,
+            "d_sae": group[0].d_sae if len(group) == 1 else None,
+            "read_hook": joined(d.read_hook for d in group),
+            "write_hook": joined(d.write_hook for d in group)}

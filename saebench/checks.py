@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from saebench import engine, resolve, tasks
-from saebench.api import provenance
+from saebench import engine, resolve, results, tasks
+from saebench.api import model_hash, provenance
 from saebench.metrics.pathological import DEFAULT_DRAWS
 from saebench.metrics.registry import get_metric
 from saebench.splice import Dictionary, FeatureEdit, position_mask
@@ -198,7 +198,8 @@ class SuiteRun:
         except resolve.HubUnavailable as err:
             self._problems["suite"] = Problem("skipped", f"needs a model or dataset hub: {err}")
             return
-        self.provenance = provenance(self.model, self.tokens, 0)
+        self.provenance = {**provenance(self.model, self.tokens, 0),
+                           "model_hash": model_hash(self.model)}
         for name, spec in suite.tasks.items():
             self._prepare_task(name, spec)
         for name, spec in suite.dictionaries.items():
@@ -281,7 +282,7 @@ class SuiteRun:
         known = self.infos.get(name)
         self.infos[name] = resolve.DictionaryInfo(
             adapted.read_hook, adapted.write_hook, adapted.d_in, adapted.d_out, adapted.d_sae,
-            known.identity if known is not None else {})
+            known.identity if known is not None else {}, adapted.architecture)
         return adapted
 
     def _prepare_check(self, check: Check) -> None:
@@ -473,22 +474,36 @@ class SuiteRun:
 
     def _row(self, check: Check, **fields: Any) -> dict[str, Any]:
         """A result row of `check` with the identity and provenance columns filled in."""
-        hooks = ",".join(dict.fromkeys(
-            self.infos[n].write_hook or "" for n in check.dictionaries if n in self.infos))
+        infos = [self.infos.get(n) for n in check.dictionaries]
+
+        def joined(get) -> str:
+            return "+".join(str(get(i) or "") if i is not None else "" for i in infos)
+
+        single = infos[0] if len(infos) == 1 else None
         model = self.suite.model
-        return {
-            "suite": self.suite.name, "check_id": check.id,
-            "model": model.name or model.path or model.kind,
-            "dictionary": "+".join(check.dictionaries), "hook": hooks,
-            "metric": check.metric, "task": check.task or "",
-            "options": json.dumps({k: _jsonable(v) for k, v in check.options}, sort_keys=True),
-            "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": None,
-            "threshold": str(check.threshold or ""), **self.provenance,
-            "seed": self._seed(check),
-            "higher_is_better": get_metric(check.metric).higher_is_better,
-            "fingerprint": self.fingerprint(check),
-            **fields,
-        }
+        return results.row(
+            suite=self.suite.name, check_id=check.id, model=model.name or model.path or model.kind,
+            dictionary="+".join(check.dictionaries),
+            hook=",".join(dict.fromkeys(i.write_hook or "" for i in infos if i is not None)),
+            metric=check.metric, task=check.task or "",
+            options=json.dumps({k: _jsonable(v) for k, v in check.options}, sort_keys=True),
+            threshold=str(check.threshold or ""),
+            **{**self.provenance, "seed": self._seed(check)},
+            source=joined(lambda i: i.identity.get("source")),
+            architecture=joined(lambda i: i.architecture),
+            d_in=single.d_in if single else None, d_sae=single.d_sae if single else None,
+            read_hook=joined(lambda i: i.read_hook), write_hook=joined(lambda i: i.write_hook),
+            weights_sha256=joined(lambda i: i.identity.get("sha256")),
+            higher_is_better=get_metric(check.metric).higher_is_better,
+            fingerprint=self.fingerprint(check), **fields)
+
+    def terms_of(self, check: Check) -> dict[str, torch.Tensor]:
+        """The per-sequence terms `check`'s metric reads (empty before it is computed), to
+        store beside its row for paired comparisons."""
+        computed = self._terms.get(self._request_key(check), {})
+        metric = get_metric(check.metric)
+        names = (metric.count_term, *metric.terms(_metric_options(check)))
+        return {n: computed[n] for n in dict.fromkeys(names) if n in computed}
 
     def result(self, check: Check) -> dict[str, Any]:
         """The result row of `check` (computing its request if needed); never raises for a

@@ -84,7 +84,7 @@ class _State:
     """Per-process state: the run directory, settings, suite runs and resumable rows."""
 
     def __init__(self, config: pytest.Config) -> None:
-        from saebench import report
+        from saebench import results
         from saebench.checks import RunSettings
 
         opt = config.getoption
@@ -97,8 +97,9 @@ class _State:
             if not self.run_dir.is_dir():
                 raise pytest.UsageError(f"--saebench-resume: no run directory {resume}")
         else:
-            self.run_dir = Path(opt("--saebench-report-dir")) / report.new_run_id()
-        self.run_id = self.run_dir.name
+            self.run_dir = Path(opt("--saebench-report-dir")) / results.new_run_id()
+        self.run = results.RunDir(self.run_dir)
+        self.run_id = self.run.run_id
         self.is_worker = worker is not None
         self.settings = RunSettings(device=opt("--saebench-device"), dtype=opt("--saebench-dtype"),
                                     n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"),
@@ -137,16 +138,15 @@ def _stored_rows(run_dir: Path) -> tuple[dict[str, dict], set[str]]:
     A torn last line is dropped, rows that do not parse or contradict their own verdict are
     listed in a warning and recomputed, and a results.csv of another layout is refused.
     """
-    from saebench import report
+    from saebench import results
     from saebench.checks import contradiction
 
-    path = run_dir / report.RESULTS_FILE
+    path = run_dir / results.RESULTS_FILE
     if not path.is_file():
         return {}, set()
     try:
-        report.check_results_header(path)
         refused: list[str] = []
-        rows = report.read_results(run_dir, refused=refused)
+        rows = results.read_results(run_dir, refused=refused)
     except ValueError as err:
         raise pytest.UsageError(f"--saebench-resume {run_dir}: {err}; start a new run "
                                 "instead") from None
@@ -260,7 +260,7 @@ class CheckItem(pytest.Item):
                                suite=suite, check=check)
 
     def runtest(self) -> None:
-        from saebench import report
+        from saebench import results
 
         state: _State = self.config.stash[STATE]
         run = state.suite_run(self.suite)
@@ -272,14 +272,14 @@ class CheckItem(pytest.Item):
                 row = run.result(self.check)
                 row["resumed"] = "recomputed" if self.check.id in state.seen else ""
                 extra = run.extra_rows(self.check)
+                results.write_terms(state.run, self.check.id, run.terms_of(self.check))
             else:
                 extra = {}
-            report.append_rows(state.run_dir / report.RESULTS_FILE,
-                               [{**row, "run_id": state.run_id}])
+            results.append_rows(state.run.results, [{**row, "run_id": state.run_id}])
             for name, rows in extra.items():
                 if rows:
-                    report.append_rows(state.run_dir / name,
-                                       [{"run_id": state.run_id, **r} for r in rows])
+                    results.append_rows(state.run_dir / name,
+                                        [{"run_id": state.run_id, **r} for r in rows])
         if self.check.id in state.seen:
             state.resumed[row["resumed"]] += 1
         verdict, message = row["verdict"], row["message"]
@@ -312,7 +312,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from saebench import report
 
     state: _State = session.config.stash[STATE]
-    if not state.is_worker and (state.run_dir / report.RESULTS_FILE).is_file():
+    if not state.is_worker and state.run.results.is_file():
         report.write_report(state.run_dir)
 
 

@@ -525,6 +525,7 @@ class DictionaryInfo:
     d_out: int | None
     d_sae: int | None
     identity: dict[str, str]
+    architecture: str | None = None
 
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -568,7 +569,8 @@ def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) ->
                 "sha256": _sha256(directory / name for name in _IDENTITY_FILES)}
     read = spec.hook or info["read"]
     write = info["write"] if info["write"] != info["read"] else read
-    return DictionaryInfo(read, write, info["d_in"], info["d_out"], info["d_sae"], identity)
+    return DictionaryInfo(read, write, info["d_in"], info["d_out"], info["d_sae"], identity,
+                          info["architecture"])
 
 
 def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
@@ -605,7 +607,7 @@ def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
     _check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
     read = cfg.metadata.hook_name
     return {"read": read, "write": getattr(cfg.metadata, "hook_name_out", None) or read,
-            "d_in": d_in, "d_out": d_out, "d_sae": d_sae}
+            "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "architecture": architecture}
 
 
 def _check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -113,6 +113,14 @@ class Dictionary:
         return self.read_hook != self.write_hook
 
     @property
+    def architecture(self) -> str:
+        """sae_lens' architecture name (topk, jumprelu, transcoder, ...), else the class name."""
+        cfg = getattr(self.module, "cfg", None)
+        if self.kind == "sae_lens" and callable(getattr(cfg, "architecture", None)):
+            return str(cfg.architecture())
+        return type(self.module).__name__
+
+    @property
     def has_features(self) -> bool:
         """Whether the dictionary exposes feature activations (encode/decode)."""
         return self.kind != "callable"

@@ -38,7 +38,7 @@ import torch
 
 from saebench import loading
 from saebench.checks import RunSettings, SuiteRun
-from saebench.report import RESULT_COLUMNS
+from saebench.results import RESULT_COLUMNS
 from saebench.suite import SuiteError, load_suite
 
 pytest_plugins = ["pytester"]
@@ -974,7 +974,7 @@ def _edit_csv(path: Path, check_id: str, **cells: str) -> None:
 
 
 def _last_rows(run_dir: Path) -> pd.DataFrame:
-    from saebench.report import read_results
+    from saebench.results import read_results
 
     rows = read_results(run_dir).set_index("check_id")
     return rows.astype({"started_at": float})

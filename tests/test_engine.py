@@ -161,7 +161,7 @@ def test_nan_reconstruction_gives_a_nan_verdict():
     df = run_metrics(model, {"nan": wrap(Broken(), model, "blocks.0.hook_resid_pre")},
                      tokens_for(model, 3, 6), metrics=["ce_loss_recovered", "cossim"])
     assert set(df["verdict"]) == {"nan"}
-    assert df["reason"].str.len().min() > 0
+    assert df["message"].str.len().min() > 0
 
 
 def test_identity_at_a_site_that_barely_matters_is_unstable():
@@ -173,7 +173,7 @@ def test_identity_at_a_site_that_barely_matters_is_unstable():
     df = run_metrics(model, {"id": wrap(Scaled(), model, hook)}, tokens_for(model, 8, 7),
                      metrics=["ce_loss_recovered"])
     assert df["verdict"].item() == "unstable"
-    assert "CE_abl" in df["reason"].item()
+    assert "CE_abl" in df["message"].item()
 
 
 def test_request_validation():

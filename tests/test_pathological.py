@@ -68,7 +68,7 @@ def test_identity_dictionary_has_no_error_and_an_undefined_ratio():
                   n_boot=20, progress=False)
     assert len(df) == 2
     for _, row in df.iterrows():
-        assert row["verdict"] in ("nan", "unstable") and row["reason"]
+        assert row["verdict"] in ("nan", "unstable") and row["message"]
         assert row["verdict"] != "nan" or math.isnan(row["value"])
 
 
@@ -191,6 +191,6 @@ def test_zoo_dictionary_against_both_baselines(zoo_model):
     assert [row["options"] for _, row in df.iterrows()] == [
         '{"baseline": "isotropic", "n_draws": 4}', '{"baseline": "covariance", "n_draws": 4}']
     for _, row in df.iterrows():
-        assert row["verdict"] == "ok", row["reason"]
+        assert row["verdict"] == "ok", row["message"]
         assert math.isfinite(row["value"]) and row["value"] > 0
         assert row["ci_low"] <= row["value"] <= row["ci_high"]

@@ -5,32 +5,22 @@ from __future__ import annotations
 import ast
 import doctest
 import math
-import multiprocessing
 import re
-import tempfile
-import warnings
 from pathlib import Path
 
-import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from saebench import report
-from saebench.report import (
+from saebench import report, results
+from saebench.report import VERDICT_MARKS, render_report, write_report
+from saebench.results import (
     FEATURE_COLUMNS,
     PER_PROMPT_BASE_COLUMNS,
     PER_PROMPT_COLUMNS,
-    RESULT_COLUMNS,
-    VERDICT_MARKS,
     append_rows,
-    finished_check_ids,
     new_run_id,
     read_per_prompt,
     read_results,
     read_table,
-    render_report,
-    write_report,
 )
 
 PROVENANCE = {
@@ -113,145 +103,6 @@ def test_report_tables(run_dir: Path) -> None:
     assert "### resid-L2-poor" in text
 
 
-def test_nan_survives_the_csv_round_trip(tmp_path: Path) -> None:
-    append_rows(tmp_path / "results.csv", [
-        result("c1", "error", math.nan, ci_low=-math.inf, ci_high=math.inf, n=None,
-               higher_is_better=None, seed=None),
-    ])
-    row = read_results(tmp_path).iloc[0]
-    assert math.isnan(row["value"]) and row["ci_low"] == -math.inf and row["ci_high"] == math.inf
-    assert row["n"] is pd.NA and row["seed"] is pd.NA and row["higher_is_better"] is pd.NA
-    record = (tmp_path / "results.csv").read_text().splitlines()[1].split(",")
-    assert record[RESULT_COLUMNS.index("value")] == ""
-    assert "-1" not in record and "nan" not in record
-
-
-def test_read_results_types_and_last_row_wins(tmp_path: Path) -> None:
-    append_rows(tmp_path / "results.csv", [result("c1", "error", math.nan), result("c2", "pass"),
-                                           result("c1", "pass", 0.9)])
-    results = read_results(tmp_path)
-    assert list(results.columns) == RESULT_COLUMNS
-    assert list(results["check_id"]) == ["c1", "c2"]  # c1 stays first
-    assert results.loc[0, "value"] == 0.9 and results.loc[0, "verdict"] == "pass"
-    assert results["value"].dtype == "float64" and results["n"].dtype == "Int64"
-    assert results["higher_is_better"].dtype == "boolean"
-    assert read_results(tmp_path / "results.csv").equals(results)  # a file path works too
-
-
-def test_finished_check_ids(tmp_path: Path) -> None:
-    assert finished_check_ids(tmp_path / "missing") == set()
-    append_rows(tmp_path / "results.csv", [
-        result("retried", "error"), result("failed", "fail"), result("broke", "pass"),
-        result("retried", "pass"), result("broke", "error"), result("skip", "skipped"),
-    ])
-    assert finished_check_ids(tmp_path) == {"retried", "failed", "skip"}
-
-
-# --------------------------------------------------------------------------- appends
-
-
-def test_append_writes_the_header_once_and_checks_keys(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "results.csv"
-    for i in range(3):
-        append_rows(path, [result(f"c{i}", "pass")])
-    append_rows(path, [])
-    lines = path.read_text().splitlines()
-    assert lines[0] == ",".join(RESULT_COLUMNS) and len(lines) == 4
-    with pytest.raises(ValueError, match="'bogus', 'valeu'"):
-        append_rows(path, [{"check_id": "c9", "valeu": 1.0, "bogus": 2}])
-    with pytest.raises(ValueError, match="column 'n'"):
-        append_rows(path, [{"check_id": "c9", "n": 2.5}])
-    with pytest.raises(ValueError, match="header"):
-        append_rows(path, [{"check_id": "c9"}], columns=["check_id"])
-    with pytest.raises(ValueError, match="pass `columns`"):
-        append_rows(tmp_path / "other.csv", [{"check_id": "c9"}])
-    assert len(path.read_text().splitlines()) == 4  # failed appends wrote nothing
-
-
-def _message(worker: int, i: int) -> str:
-    return f"worker {worker}, row {i}: " + 'a "quoted", comma\nand a line\n' * 200
-
-
-def _append_worker(path: str, worker: int, rows: int) -> None:
-    for i in range(rows):
-        append_rows(Path(path), [result(f"w{worker}-{i}", "pass", i / 7,
-                                        message=_message(worker, i))])
-
-
-def test_concurrent_appends_from_processes(tmp_path: Path) -> None:
-    path = tmp_path / "results.csv"
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    workers = [context.Process(target=_append_worker, args=(str(path), w, 50)) for w in range(4)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no malformed rows
-        table = read_table(path)
-    assert len(table) == 200 and table["check_id"].is_unique
-    for row in table.itertuples():
-        worker, i = map(int, re.fullmatch(r"w(\d)-(\d+)", row.check_id).groups())
-        assert row.message == _message(worker, i) and row.value == i / 7
-    assert path.read_text().count("run_id,suite,check_id") == 1
-
-
-def test_a_torn_last_row_is_cut_off_by_the_next_append(tmp_path: Path) -> None:
-    path = tmp_path / "results.csv"
-    append_rows(path, [result("c1", "pass")])
-    with open(path, "a") as f:
-        f.write('20261123,toy,c2,toy,resid,hook,l0,,"{""a"":\n1')  # killed mid-row
-    with pytest.warns(UserWarning, match="torn"):
-        append_rows(path, [result("c3", "pass")])
-    assert list(read_results(tmp_path)["check_id"]) == ["c1", "c3"]
-
-
-# --------------------------------------------------------------------------- round trip
-
-
-_text = st.one_of(st.text(max_size=20), st.sampled_from(
-    ["", "NA", "nan", "None", "-1", " lead", 'say "hi", then\r\nbye', "a|b", "é☃🙂", "\r"]))
-_float = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
-_int = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**63 - 1))
-_bool = st.one_of(st.none(), st.booleans())
-
-
-def _column(name: str) -> st.SearchStrategy:
-    if name in ("value", "ci_low", "ci_high", "duration_s"):
-        return _float
-    if name in ("n", "seed"):
-        return _int
-    return _bool if name == "higher_is_better" else _text
-
-
-_rows = st.lists(st.fixed_dictionaries({c: _column(c) for c in RESULT_COLUMNS}), max_size=6,
-                 unique_by=lambda row: row["check_id"])
-
-
-def _same(written, read) -> bool:
-    if written is None or (isinstance(written, float) and math.isnan(written)):
-        return read == "" if isinstance(read, str) else bool(pd.isna(read))
-    return type(written)(read) == written
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=_rows, split=st.integers(min_value=0, max_value=6))
-def test_arbitrary_rows_round_trip(rows: list[dict], split: int) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        append_rows(Path(directory) / "results.csv", rows[:split])
-        append_rows(Path(directory) / "results.csv", rows[split:])
-        if not rows:
-            assert not (Path(directory) / "results.csv").exists()
-            return
-        back = read_results(Path(directory)).to_dict("records")
-    assert len(back) == len(rows)
-    for written, read in zip(rows, back, strict=True):
-        for column in RESULT_COLUMNS:
-            assert _same(written[column], read[column]), (column, written[column], read[column])
-
-
 # --------------------------------------------------------------------------- per prompt, features
 
 
@@ -310,18 +161,20 @@ def test_write_report_replaces_atomically(run_dir: Path, monkeypatch) -> None:
     (run_dir / "report.md").write_text("old report")
     path = write_report(run_dir)
     assert path == run_dir / "report.md" and path.read_text() == render_report(run_dir)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["report.md", "results.csv"]
+    shown = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".lock"))
+    assert shown == [".results.csv.lock", "report.md", "results.csv"]  # no temporary left
 
     path.write_text("old report")
 
     def crash(*args) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", crash)
+    monkeypatch.setattr(results.os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
         write_report(run_dir)
     assert path.read_text() == "old report"  # never half written
-    assert sorted(p.name for p in run_dir.iterdir()) == ["report.md", "results.csv"]
+    shown = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".lock"))
+    assert shown == [".results.csv.lock", "report.md", "results.csv"]  # no temporary left
 
 
 def test_main(run_dir: Path, tmp_path_factory, capsys) -> None:
@@ -359,15 +212,22 @@ def test_marks_cover_every_verdict() -> None:
 
 def test_docstring_examples_of_formatters() -> None:
     runner = doctest.DocTestRunner()
-    for function in (report.format_value, report.format_ci, report.new_run_id):
-        for test in doctest.DocTestFinder().find(function, globs=vars(report)):
+    for function in (report.format_value, report.format_ci, results.new_run_id):
+        module = results if function is results.new_run_id else report
+        for test in doctest.DocTestFinder().find(function, globs=vars(module)):
             runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
 
 
-def test_report_imports_rows_only() -> None:
-    tree = ast.parse(Path(report.__file__).read_text())
+def imported_modules(module) -> set[str]:
+    """The modules a module's source imports."""
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
-    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not {m for m in imported if m and m.split(".")[0] in ("torch", "pytest", "saebench")}
+    return imported | {node.module for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_report_imports_rows_only() -> None:
+    imported = imported_modules(report) - {"saebench.results"}
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "pytest", "saebench")}
