@@ -127,13 +127,14 @@ METRIC_OPTIONS = ("ablation", "dense_threshold", "normalize", "share", "k", "bas
 """Check options read when a metric is summarised (the others shape the passes)."""
 
 
-def _metric_options(check: Check) -> dict[str, Any]:
+def metric_options(check: Check) -> dict[str, Any]:
+    """The options of `check` that its metric reads when summarised."""
     opts = _options(check)
     return {k: opts[k] for k in METRIC_OPTIONS if k in opts}
 
 
 def _needed_terms(check: Check) -> tuple[str, ...]:
-    return get_metric(check.metric).terms(_metric_options(check))
+    return get_metric(check.metric).terms(metric_options(check))
 
 
 def _jsonable(value: Any) -> Any:
@@ -502,7 +503,7 @@ class SuiteRun:
         store beside its row for paired comparisons."""
         computed = self._terms.get(self._request_key(check), {})
         metric = get_metric(check.metric)
-        names = (metric.count_term, *metric.terms(_metric_options(check)))
+        names = (metric.count_term, *metric.terms(metric_options(check)))
         return {n: computed[n] for n in dict.fromkeys(names) if n in computed}
 
     def result(self, check: Check) -> dict[str, Any]:
@@ -517,7 +518,7 @@ class SuiteRun:
         opts = _options(check)
         metric = get_metric(check.metric)
         summary = summarize(metric, self._terms[self._request_key(check)],
-                            _metric_options(check), n_boot=opts["n_boot"],
+                            metric_options(check), n_boot=opts["n_boot"],
                             seed=self._seed(check))
         verdict, message = judge(check, summary.value, summary.ci_low, summary.ci_high,
                                  summary.n, summary.verdict, summary.reason)

@@ -17,6 +17,7 @@ worker), and each finished check is appended to `reports/<run-id>/results.csv`;
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections import Counter
@@ -52,6 +53,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "unchanged are read, not recomputed")
     group.addoption("--saebench-progress", action="store_true",
                     help="show a progress bar for each engine run")
+    group.addoption("--saebench-baseline", default=None, metavar="PATH",
+                    help="compare every check with its row in this baseline (a run directory, "
+                         "or a directory of baselines by suite name); a missing baseline is "
+                         "written at the end of the run")
+    group.addoption("--saebench-update-baseline", action="store_true",
+                    help="rewrite the baseline with this run's rows instead of comparing")
+    group.addoption("--saebench-strict", action="store_true",
+                    help="fail noisy checks (worse than the baseline within noise) and a run "
+                         "in which no check was measured (all skipped)")
     parser.addini("saebench_suite_dirs", "directories whose YAML files are suites",
                   type="paths", default=[])
 
@@ -110,6 +120,11 @@ class _State:
         self.selected: dict[Path, list] = {}
         self.pending: dict[Path, list] = {}
         self.resumed: Counter[str] = Counter()
+        self.baseline_path = opt("--saebench-baseline")
+        self.update_baseline = opt("--saebench-update-baseline")
+        self.strict = opt("--saebench-strict")
+        self.baselines: dict[Path, Any] = {}
+        self.measured = 0
 
     def suite_run(self, suite):
         from saebench.checks import SuiteRun
@@ -122,6 +137,22 @@ class _State:
         """The stored row of `check`, brought up to date, when it may be reused."""
         row = self.stored.get(check.id)
         return None if row is None else run.reuse(check, row)
+
+    def baseline(self, suite):
+        """The suite's baseline (`saebench.gate.Baseline`), None when there is none yet;
+        loaded once. Only called with --saebench-baseline."""
+        from saebench import gate
+
+        if suite.path not in self.baselines:
+            target = gate.locate(Path(self.baseline_path), suite.name)
+            try:
+                self.baselines[suite.path] = (None if self.update_baseline
+                                              else gate.Baseline.load(target))
+            except FileNotFoundError:
+                self.baselines[suite.path] = None
+            except ValueError as err:
+                raise pytest.UsageError(f"--saebench-baseline {target}: {err}") from None
+        return self.baselines[suite.path]
 
     def pending_checks(self, run, suite, check) -> list:
         """The selected checks of `suite` that must be computed (not reusable)."""
@@ -265,16 +296,16 @@ class CheckItem(pytest.Item):
         state: _State = self.config.stash[STATE]
         run = state.suite_run(self.suite)
         row = state.reusable(run, self.check)
-        if row is None or row["resumed"] == "re-judged":
-            if row is None:
-                if not state.is_worker:
-                    run.compute(state.pending_checks(run, self.suite, self.check))
-                row = run.result(self.check)
-                row["resumed"] = "recomputed" if self.check.id in state.seen else ""
-                extra = run.extra_rows(self.check)
-                results.write_terms(state.run, self.check.id, run.terms_of(self.check))
-            else:
-                extra = {}
+        fresh = row is None
+        if fresh:
+            if not state.is_worker:
+                run.compute(state.pending_checks(run, self.suite, self.check))
+            row = run.result(self.check)
+            row["resumed"] = "recomputed" if self.check.id in state.seen else ""
+            results.write_terms(state.run, self.check.id, run.terms_of(self.check))
+        new_baseline = self._compare(state, run, row)
+        if fresh or row["resumed"] == "re-judged":
+            extra = run.extra_rows(self.check) if fresh else {}
             results.append_rows(state.run.results, [{**row, "run_id": state.run_id}])
             for name, rows in extra.items():
                 if rows:
@@ -285,10 +316,44 @@ class CheckItem(pytest.Item):
         verdict, message = row["verdict"], row["message"]
         if verdict == "skipped":
             pytest.skip(message)
-        if verdict in ("fail", "xfail"):
+        state.measured += 1
+        if verdict in ("fail", "xfail", "regression") or (verdict == "noisy" and state.strict):
             raise CheckFailed(f"[{verdict}] {message}")
-        if verdict not in ("pass", "xpass"):
+        if verdict not in ("pass", "xpass", "noisy"):
             raise CheckErrored(f"[{verdict}] {message}")
+        if new_baseline:
+            raise CheckErrored(f"[new baseline] {message}; no baseline row to compare with: "
+                               f"this run's rows are written to {new_baseline} at its end, "
+                               "run again to compare")
+
+    def _compare(self, state: _State, run, row: dict) -> Path | None:
+        """Judge `row` against the suite's baseline, in place; the baseline directory to
+        write when there is none yet (None otherwise, or without --saebench-baseline)."""
+        import pandas as pd
+
+        from saebench import checks, gate, results
+
+        if state.baseline_path is None:
+            return None
+        baseline = state.baseline(self.suite)
+        if baseline is None:
+            if state.update_baseline:
+                return None
+            return gate.locate(Path(state.baseline_path), self.suite.name)
+        terms = (run.terms_of(self.check) if row["resumed"] != "reused"
+                 else results.read_terms(state.run, self.check.id))
+        absolute, relative = self.check.tolerance
+        comparison = gate.compare(row, baseline.row(self.check.id), terms,
+                                  baseline.terms(self.check.id),
+                                  options=checks.metric_options(self.check),
+                                  tolerance=absolute, rel_tolerance=relative)
+        verdict, message = gate.judge(row["verdict"], row["message"], comparison)
+        columns = comparison.columns()
+        if row["resumed"] == "reused" and any(row.get(k) != v for k, v in columns.items()
+                                             if not pd.isna(v)):
+            row["resumed"] = "re-judged"
+        row.update(columns, verdict=verdict, message=message)
+        return None
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, CheckFailed | CheckErrored):
@@ -312,8 +377,33 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from saebench import report
 
     state: _State = session.config.stash[STATE]
-    if not state.is_worker and state.run.results.is_file():
-        report.write_report(state.run_dir)
+    if state.is_worker or not state.run.results.is_file():
+        return
+    if state.baseline_path is not None:
+        _write_baselines(state)
+    report.write_report(state.run_dir)
+    if state.strict and state.selected and not state.measured and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _write_baselines(state: _State) -> None:
+    """Write the baselines this run made (missing ones, or all with --saebench-update-
+    baseline), and note in the run directory which baseline rows it did not have."""
+    from saebench import gate, results
+
+    compared, missing = [], []
+    for path, checks in state.selected.items():
+        target = gate.locate(Path(state.baseline_path), checks[0].suite)
+        baseline = state.baselines.get(path)
+        if baseline is None:
+            gate.write_baseline(state.run, target, [c.id for c in checks])
+            continue
+        ids = {c.id for c in checks}
+        compared.append(str(target))
+        missing += sorted(i for i in baseline.rows if i not in ids)
+    if compared:
+        note = {"path": ", ".join(compared), "missing": missing}
+        results.atomic_write(state.run_dir / "baseline.json", json.dumps(note, indent=1))
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:

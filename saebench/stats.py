@@ -174,6 +174,19 @@ def _bootstrap(metric: Metric, cols: dict[str, Tensor], options: Mapping[str, An
     return torch.cat(values), (torch.cat(dens) if dens else None)
 
 
+def resampled(metric: Metric, terms: Mapping[str, Tensor], options: Mapping[str, Any],
+              n_boot: int, seed: int) -> Tensor:
+    """The metric's value on each of `n_boot` resamples of the sequences [n_boot].
+
+    The resample weights depend only on (number of sequences, n_boot, seed), so two runs
+    over the same sequences resampled with the same seed are paired: their differences,
+    resample by resample, give a paired interval (`saebench.gate`).
+    """
+    cols = _gather(metric, terms, options, None)
+    n = next(iter(cols.values())).shape[0]
+    return _bootstrap(metric, cols, options, n, n_boot, seed, CHUNK_BYTES)[0]
+
+
 def _interval(samples: Tensor, alpha: float) -> tuple[float, float, int]:
     """Percentile interval of the finite samples, and how many samples were not finite."""
     finite = torch.isfinite(samples)

@@ -45,6 +45,9 @@ checks:
     dictionaries: [resid-L2-poor]
     threshold: ">= 0.85"
     expect: fail                        # an xfail: the gate must reject this dictionary
+  - metric: explained_variance
+    dictionaries: ["resid-L*"]
+    baseline: {tolerance: 0.005}        # vs --saebench-baseline: or {rel_tolerance: 0.02}
   - metric: ce_loss_recovered
     splice: [resid-L0-topk16, resid-L3-topk16]       # spliced together: one check on the set
     id: resid-L0+L3                     # optional id override
@@ -261,6 +264,13 @@ def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ValueError(f"must be a number, got {_quote(value)}")
     return float(value)
+
+
+def _non_negative(value: Any) -> float:
+    number = _number(value)
+    if not 0 <= number < math.inf:
+        raise ValueError(f"must be a finite number >= 0, got {_quote(value)}")
+    return number
 
 
 def _fraction(value: Any) -> float:
@@ -484,6 +494,9 @@ class Check:
     line: int
     where: str = ""
     """The check's entry in the file (`checks[3]`), for located errors."""
+    tolerance: tuple[float | None, float | None] = (None, None)
+    """How much worse than its baseline the value may be: (absolute, relative to the
+    baseline's value); (None, None) takes the metric's default."""
 
     @property
     def group_key(self) -> tuple:
@@ -524,7 +537,8 @@ DICTIONARY_KEYS = (*DICTIONARY_KINDS, "sae_id", "args", "hook", "for")
 TASK_KEYS = ("zoo", "path")
 DEFAULTS_KEYS = ("options", "threshold")
 CHECK_KEYS = ("metric", "dictionaries", "splice", "task", "options", "threshold", "expect",
-              "id")
+              "id", "baseline")
+BASELINE_KEYS = ("tolerance", "rel_tolerance")
 EXPECT = ("pass", "fail")
 MAX_EXPANSION = 10_000
 
@@ -1054,6 +1068,7 @@ class _Parser:
                 if expect == "fail" and threshold is None:
                     self.fail(expect_node, spec.sub("expect"),
                               "expect: fail needs a threshold for the check to fail")
+            tolerance = self.tolerance(spec.get("baseline"), spec.sub("baseline"))
             custom_id = None
             if (id_node := spec.get("id")) is not None:
                 custom_id = self.string(id_node, spec.sub("id"))
@@ -1075,8 +1090,20 @@ class _Parser:
                 seen[check_id] = _line(item)
                 out.append(Check(check_id, suite, metric, members, task,
                                  tuple(sorted(resolved.items())), threshold, expect,
-                                 _line(item), path))
+                                 _line(item), path, tolerance))
         return tuple(out)
+
+    def tolerance(self, node: Node | None, path: str) -> tuple[float | None, float | None]:
+        """A check's `baseline: {tolerance: 0.01}` or `{rel_tolerance: 0.02}`."""
+        if node is None:
+            return (None, None)
+        spec = self.mapping(node, path, BASELINE_KEYS)
+        if len(spec.items) != 1:
+            self.fail(node, path, "give one of tolerance: (absolute) or rel_tolerance: (a "
+                                  "share of the baseline's value)")
+        values = [self.optional(spec.get(key), spec.sub(key), _non_negative)
+                  for key in BASELINE_KEYS]
+        return (values[0], values[1])
 
     def check_threshold(self, metric: str, threshold: Threshold, options: dict[str, Any],
                         node: Node, path: str) -> None:

@@ -81,4 +81,5 @@ PATHOLOGICAL_ERROR = register_metric(Metric(
     count="n_kl",
     bounds=NON_NEGATIVE,
     run_options=("n_draws", "seed"),
+    tolerance=0.1,
 ))

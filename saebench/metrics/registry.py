@@ -82,6 +82,8 @@ class Metric:
     (true for downstream and task metrics whose terms come from the spliced run).
     `run_options` name the options that shape the run producing the terms (not only their
     summary), so checks that differ in them never share a run.
+    `tolerance` (absolute) and `rel_tolerance` (a share of the baseline's value) are how much
+    worse than its baseline a value may be before a gate calls it a regression, by default.
     """
 
     name: str
@@ -98,6 +100,8 @@ class Metric:
     bounds: tuple[float, float] | Callable[[Options], tuple[float, float]] = UNBOUNDED
     needs_splice: bool = True
     run_options: tuple[str, ...] = ()
+    tolerance: float = 0.01
+    rel_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -240,6 +244,7 @@ register_metric(Metric(
     kind="downstream",
     parts_of=lambda s, o: {"ce_clean": _per(s, "ce_clean", "n_pred"),
                            "ce_spliced": _per(s, "ce_spliced", "n_pred")},
+    tolerance=0.005,
 ))
 
 register_metric(Metric(
@@ -251,6 +256,7 @@ register_metric(Metric(
     kind="downstream",
     count="n_kl",
     bounds=NON_NEGATIVE,
+    tolerance=0.005,
 ))
 
 register_metric(Metric(
@@ -279,6 +285,8 @@ register_metric(Metric(
                 "lower is sparser, but a useful threshold usually bounds it on both sides.",
     kind="reconstruction",
     bounds=NON_NEGATIVE,
+    tolerance=0.0,
+    rel_tolerance=0.05,
 ))
 
 register_metric(Metric(
@@ -312,6 +320,8 @@ register_metric(Metric(
     parts_of=lambda s, o: {"sq_err_per_position": _per(s, "sq_err", "n_act"),
                            "d": s["sq_err"].new_tensor(s["sum_target"].shape[-1])},
     bounds=NON_NEGATIVE,
+    tolerance=0.0,
+    rel_tolerance=0.05,
 ))
 
 register_metric(Metric(
