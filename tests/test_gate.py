@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from saebench import gate, results
 from saebench.metrics.registry import get_metric
@@ -241,3 +243,14 @@ def test_the_toy_suite_against_its_committed_baseline(pytester, substituted, cap
         out.assert_outcomes(passed=len(results.read_results(run_dir)))
         assert code == 0, table
         assert "missing" in table  # the other dictionaries' baseline rows
+
+
+def test_the_ci_example_uses_options_that_exist(pytestconfig):
+    workflow = yaml.safe_load((ROOT / "examples" / "github-actions" /
+                               "gate-new-sae.yml").read_text())
+    steps = " ".join(str(step.get("run", "")) for step in workflow["jobs"]["gate"]["steps"])
+    used = set(re.findall(r"--saebench-[\w-]+", steps))
+    known = {name for action in pytestconfig._parser.optparser._actions
+             for name in action.option_strings}
+    assert used and used <= known, used - known
+    assert "saebench gate" in steps and "--strict" in steps
