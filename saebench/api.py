@@ -30,6 +30,7 @@ from saebench.metrics import pathological as patho
 from saebench.metrics.registry import Metric, get_metric
 from saebench.splice import Dictionary, FeatureEdit, as_dictionary
 from saebench.stats import summarize
+from saebench.suite import check_id
 
 DEFAULT_METRICS = (
     "ce_loss_recovered", "delta_ce", "kl_div", "kl_div_score", "l0", "explained_variance",
@@ -167,9 +168,8 @@ def evaluate(
                 continue
             for opts in _option_sets(metric, kinds, n_draws):
                 summary = summarize(metric, terms[request.key], opts, n_boot=n_boot, seed=seed)
-                suffix = ",".join(f"{k}={v}" for k, v in sorted(opts.items()))
                 rows.append(results.row(
-                    check_id=f"{request.key}::{metric.name}" + (f"[{suffix}]" if suffix else ""),
+                    check_id=check_id((request.key,), metric.name, None, opts),
                     dictionary=request.key, metric=metric.name,
                     options=json.dumps(opts, sort_keys=True),
                     value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
@@ -183,12 +183,12 @@ def evaluate(
 
 
 def _identity(group: tuple[Dictionary, ...]) -> dict[str, Any]:
-    """The identity columns of a spliced set, joined with `+` (what the objects tell)."""
+    """The identity columns of a spliced set, joined with `+`: what the objects tell (an
+    object passed in has no source file, so `source` and `weights_sha256` stay empty)."""
     def joined(values) -> str:
         return "+".join(str(v) for v in values)
 
     return {"hook": joined(dict.fromkeys(d.write_hook for d in group)),
-            "source": joined(type(d.module).__name__ for d in group),
             "architecture": joined(d.architecture for d in group),
             "d_in": group[0].d_in if len(group) == 1 else None,
             "d_sae": group[0].d_sae if len(group) == 1 else None,

@@ -1,10 +1,36 @@
-"""The `saebench` command line: `saebench zoo build|info`, `saebench report <run-dir>`."""
+"""The `saebench` command: one argparse tree over the package's tools.
+
+    saebench run suites/toy.yaml [pytest args]     the suite's checks (as `pytest -m eval`)
+    saebench report RUN_DIR                        rebuild a run's report.md and plots
+    saebench gate NEW --baseline OLD               what regressed between two runs
+    saebench leaderboard RUN_DIR... -o DIR         rank dictionaries across runs
+    saebench export RUN_DIR --format saebench-core -o DIR
+    saebench zoo build | info                      the embedded toy zoo
+
+Exit codes: 0 success; 1 a check failed or regressed (`run`, `gate`); 2 a usage or input
+error; `run` passes pytest's own codes through (4 usage, 5 nothing collected).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import saebench
+
+
+def _run(args: argparse.Namespace) -> int:
+    import pytest
+
+    return int(pytest.main(["-m", "eval", *map(str, args.suites), *args.pytest_args]))
+
+
+def _report(args: argparse.Namespace) -> int:
+    from saebench import report
+
+    return report.main([str(args.run_dir), "--worst-prompts", str(args.worst_prompts)])
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
@@ -24,14 +50,60 @@ def _zoo_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A handler that imports `module` only when its command runs (torch stays unloaded
+    for `--help` and for the commands that do not need it)."""
+    def handler(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return handler
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `saebench` command."""
+    from saebench import gate, leaderboard, saebench_core
     from saebench.zoo.paths import ARTIFACTS
 
-    parser = argparse.ArgumentParser(prog="saebench", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="saebench", description="Faithfulness checks for SAEs and transcoders spliced "
+        "into language models: run suites, read reports, gate against baselines, rank.",
+        epilog="exit codes: 0 ok, 1 a check failed or regressed, 2 a usage or input error",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"saebench {saebench.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run suites' checks (the same items and reports as "
+                                          "`pytest -m eval SUITE`)")
+    run.add_argument("suites", nargs="+", type=Path, metavar="SUITE", help="suite files")
+    run.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="...",
+                     help="further pytest options, e.g. -k resid --saebench-baseline DIR")
+    run.set_defaults(func=_run)
+
+    report = commands.add_parser("report", help="rebuild report.md of a run from its CSV files")
+    report.add_argument("run_dir", type=Path, help="the run directory (reports/<run-id>)")
+    report.add_argument("--worst-prompts", type=int, default=5, metavar="K",
+                        help="prompts listed per task and dictionary (default 5; 0: none)")
+    report.set_defaults(func=_report)
+
+    gate_cmd = commands.add_parser("gate", help="compare a run with a baseline: what regressed "
+                                                "beyond tolerance and noise")
+    gate.add_arguments(gate_cmd)
+    gate_cmd.set_defaults(func=_lazy("saebench.gate", "run"))
+
+    board = commands.add_parser("leaderboard", help="rank dictionaries across runs, with "
+                                                    "Pareto plots")
+    leaderboard.add_arguments(board)
+    board.set_defaults(func=_lazy("saebench.leaderboard", "run"))
+
+    export = commands.add_parser("export", help="write a run's results in another format "
+                                                "(SAEBench core-eval JSON)")
+    saebench_core.add_export_arguments(export)
+    export.set_defaults(func=_lazy("saebench.saebench_core", "run_export"))
+
     zoo = commands.add_parser("zoo", help="the embedded toy zoo").add_subparsers(
-        dest="zoo_command", required=True)
+        dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     build = zoo.add_parser("build", help="rebuild the zoo deterministically from a seed")
     build.add_argument("--out", default=str(ARTIFACTS), help="output directory")
     build.add_argument("--tiny", action="store_true", help="tiny settings (a smoke test)")
@@ -40,18 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     info = zoo.add_parser("info", help="print a table of what the zoo holds")
     info.add_argument("--zoo", default=None, help="zoo directory (default: the packaged zoo)")
     info.set_defaults(func=_zoo_info)
-    commands.add_parser("report", add_help=False,
-                        help="rebuild report.md of a run from its results.csv "
-                             "(`saebench report --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `saebench` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        from saebench.report import main as report_main
-
-        return report_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)

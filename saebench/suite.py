@@ -1081,14 +1081,14 @@ class _Parser:
                               "checks, which cannot share one id")
             for members in sets:
                 resolved = self.resolve_edits(options, members)
-                check_id = custom_id or _check_id(members, metric, task, {
+                ident = custom_id or check_id(members, metric, task, {
                     k: resolved[k] for k in own})
                 where, where_path = (id_node, spec.sub("id")) if custom_id else (item, path)
-                if check_id in seen:
-                    self.fail(where, where_path, f"duplicate check id {check_id!r} (first from "
-                              f"the check at line {seen[check_id]}); set id: to tell them apart")
-                seen[check_id] = _line(item)
-                out.append(Check(check_id, suite, metric, members, task,
+                if ident in seen:
+                    self.fail(where, where_path, f"duplicate check id {ident!r} (first from "
+                              f"the check at line {seen[ident]}); set id: to tell them apart")
+                seen[ident] = _line(item)
+                out.append(Check(ident, suite, metric, members, task,
                                  tuple(sorted(resolved.items())), threshold, expect,
                                  _line(item), path, tolerance))
         return tuple(out)
@@ -1146,8 +1146,13 @@ class _Parser:
         return values
 
 
-def _check_id(members: tuple[str, ...], metric: str, task: str | None,
-              own: Mapping[str, Any]) -> str:
+def check_id(members: tuple[str, ...], metric: str, task: str | None,
+             own: Mapping[str, Any]) -> str:
+    """A check's id, `set::metric[task,options]` (see the module docstring).
+
+        >>> check_id(("a",), "ce_loss_recovered", None, {"ablation": "zero"})
+        'a::ce_loss_recovered[zero]'
+    """
     parts = [task] if task else []
     for key, option in OPTIONS.items():
         if key in own and option.in_id is not None:

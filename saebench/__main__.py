@@ -1,0 +1,5 @@
+"""`python -m saebench ...` is the `saebench` command."""
+
+from saebench.cli import main
+
+raise SystemExit(main())
