@@ -38,7 +38,6 @@ import torch
 
 from saebench import loading
 from saebench.checks import RunSettings, SuiteRun
-from saebench.results import RESULT_COLUMNS
 from saebench.suite import SuiteError, load_suite
 
 pytest_plugins = ["pytester"]
@@ -870,11 +869,9 @@ CLI_ERRORS: dict[str, tuple[list[str], str]] = {
                                       r"--saebench-resume: no run directory reports/none"),
     "resume of a file": (["--saebench-resume=mini.yaml"], r"--saebench-resume: no run directory"),
     "resume of a foreign results.csv": (["--saebench-resume=foreign"],
-                                        r"--saebench-resume foreign: \S*results\.csv does not "
-                                        r"have the columns of a saebench results file "
-                                        r"\(missing run_id.*start a new run"),
-    "resume of reordered columns": (["--saebench-resume=reordered"],
-                                    r"the same columns in another order"),
+                                        r"--saebench-resume foreign: \S*results\.csv is not a "
+                                        r"saebench results file: it has no check_id.*start a "
+                                        r"new run"),
     "report dir inside a file": (["--saebench-report-dir=mini.yaml/reports"],
                                  r"--saebench-report-dir mini\.yaml/reports"),
     "seed beyond 64 bits": (["--saebench-seed=100000000000000000000000"],
@@ -888,9 +885,6 @@ def mini(pytester) -> pytest.Pytester:
     pytester.makefile(".yaml", mini=_suite())
     (pytester.path / "foreign").mkdir()
     (pytester.path / "foreign" / "results.csv").write_text("check,score\na::l0,3\n")
-    (pytester.path / "reordered").mkdir()
-    columns = [RESULT_COLUMNS[1], RESULT_COLUMNS[0], *RESULT_COLUMNS[2:]]
-    (pytester.path / "reordered" / "results.csv").write_text(",".join(columns) + "\n")
     return pytester
 
 
