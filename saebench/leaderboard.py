@@ -342,10 +342,20 @@ def _notes(table: pd.DataFrame, metric: str, higher_is_better: bool, keys: list[
     return " ".join(notes)
 
 
+SHOWN = ("l0", "kl_div_score[zero]", "explained_variance", UNCENTRED_EV, "logit_diff_recovered[")
+"""Metric keys the Markdown tables show beside the ranked one (prefixes; the CSV has all),
+so a table stays readable at a laptop's width."""
+
+
+def _in_markdown(key: str) -> bool:
+    return key.startswith(SHOWN)
+
+
 def _table_section(table: pd.DataFrame, metric: str, directions: Mapping[str, bool | None],
                    images: list[tuple[str, str]]) -> str:
     """A hook's heading, frontier images, ranked table and notes."""
-    keys = [k for k in directions if k != metric and table[k].notna().any()]
+    keys = [k for k in directions if k != metric and table[k].notna().any()
+            and _in_markdown(k)]
     columns = [c for c in ("architecture", "d_sae") if table[c].map(_text).str.len().any()]
     headers = ["rank", "dictionary", *columns, _header(metric, directions[metric]), "95% CI",
                *(_header(k, directions[k]) for k in keys), "Pareto (L0 vs)", "source"]
