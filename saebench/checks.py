@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import time
@@ -242,7 +241,7 @@ class SuiteRun:
         self.prompts[name] = prompts
         self._prompt_lengths[name] = batches[0].lengths.tolist()
         text = json.dumps([[p.prompt, p.answer, p.distractor, p.pos] for p in prompts])
-        self._task_hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self._task_hashes[name] = results.short_hash(text)
 
     def _prepare_dictionary(self, name: str, spec: Any, device: torch.device) -> None:
         file = str(self.suite.path)
@@ -471,7 +470,7 @@ class SuiteRun:
             **{k: self.provenance.get(k) for k in ("device", "dtype", "token_set")},
         }
         text = json.dumps(content, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return results.short_hash(text)
 
     def _row(self, check: Check, **fields: Any) -> dict[str, Any]:
         """A result row of `check` with the identity and provenance columns filled in."""
