@@ -17,6 +17,7 @@ worker), and each finished check is appended to `reports/<run-id>/results.csv`;
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -95,9 +96,9 @@ class _State:
 
     def __init__(self, config: pytest.Config) -> None:
         from saebench import results
-        from saebench.checks import RunSettings
 
         opt = config.getoption
+        self.config = config
         resume = opt("--saebench-resume")
         worker = getattr(config, "workerinput", None)
         if worker is not None:
@@ -111,9 +112,6 @@ class _State:
         self.run = results.RunDir(self.run_dir)
         self.run_id = self.run.run_id
         self.is_worker = worker is not None
-        self.settings = RunSettings(device=opt("--saebench-device"), dtype=opt("--saebench-dtype"),
-                                    n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"),
-                                    progress=opt("--saebench-progress"))
         self.stored, self.seen = _stored_rows(self.run_dir) if resume else ({}, set())
         self.models: dict[Any, Any] = {}
         self.runs: dict[Path, Any] = {}
@@ -125,6 +123,17 @@ class _State:
         self.strict = opt("--saebench-strict")
         self.baselines: dict[Path, Any] = {}
         self.measured = 0
+
+    @functools.cached_property
+    def settings(self):
+        """The run-wide settings, built when a suite is first collected: saebench's engine
+        (and torch with it) loads only in a session that has suites."""
+        from saebench.checks import RunSettings
+
+        opt = self.config.getoption
+        return RunSettings(device=opt("--saebench-device"), dtype=opt("--saebench-dtype"),
+                           n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"),
+                           progress=opt("--saebench-progress"))
 
     def suite_run(self, suite):
         from saebench.checks import SuiteRun
@@ -213,6 +222,28 @@ def pytest_configure_node(node: Any) -> None:
     node.workerinput["saebench_run_dir"] = str(node.config.stash[STATE].run_dir)
 
 
+SUPPORTED = {"transformer-lens": (3, 4)}
+"""Library -> [first, last) major versions saebench runs with (sae_lens pins TransformerLens
+3; its 4.0 removed HookedTransformer)."""
+
+
+def incompatible_libraries() -> str | None:
+    """One line saying which installed library saebench cannot run with, or None; checked
+    before any of them is imported, so a bad environment is a message, not a traceback."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name, (low, high) in SUPPORTED.items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            return f"saebench needs {name} >= {low}, < {high}, which is not installed"
+        major = int(re.match(r"\d+", installed)[0]) if re.match(r"\d+", installed) else 0
+        if not low <= major < high:
+            return (f"saebench needs {name} >= {low}, < {high} (what sae_lens supports); this "
+                    f"environment has {installed}: pip install '{name}>={low},<{high}'")
+    return None
+
+
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     if is_suite_file(file_path, parent.config):
         return SuiteFile.from_parent(parent, path=file_path)
@@ -230,6 +261,9 @@ class SuiteFile(pytest.File):
     def collect(self):
         from saebench.suite import SuiteError, load_suite
 
+        problem = incompatible_libraries()
+        if problem:
+            raise self.CollectError(problem)
         try:
             suite = load_suite(self.path)
             self.config.stash[STATE].suite_run(suite).prepare()

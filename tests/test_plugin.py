@@ -220,3 +220,28 @@ def test_an_existing_report_dir_given_space_separated_is_not_taken_for_a_path(
     assert f"rootdir: {pytester.path}" in out.stdout.str()
     (run_dir,) = elsewhere.iterdir()
     assert sorted(pd.read_csv(run_dir / "results.csv")["check_id"]) == ["good::l0", "poor::l0"]
+
+
+def test_an_unrelated_project_imports_no_torch_transformer_lens_or_sae_lens(pytester):
+    pytester.makepyfile(test_ok="def test_ok():\n    assert 1\n")
+    pytester.makeconftest(
+        "import sys\n\n\ndef pytest_unconfigure(config):\n"
+        "    heavy = [m for m in ('torch', 'transformer_lens', 'sae_lens') if m in sys.modules]\n"
+        "    print('HEAVY', heavy)\n")
+    out = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    out.assert_outcomes(passed=1)
+    assert "HEAVY []" in out.stdout.str()
+
+
+def test_an_incompatible_transformer_lens_is_one_line_not_an_internal_error(pytester,
+                                                                              monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "4.3.0" if name == "transformer-lens" else real(name))
+    pytester.makefile(".yaml", mini=SUITE)
+    out = pytester.runpytest_inprocess("-m", "eval", "mini.yaml", "-p", "no:cacheprovider")
+    assert out.ret == pytest.ExitCode.INTERRUPTED
+    out.stdout.fnmatch_lines(["*saebench needs transformer-lens >= 3, < 4*has 4.3.0*"])
+    assert "INTERNALERROR" not in out.stdout.str() and "Traceback" not in out.stdout.str()
