@@ -231,7 +231,7 @@ def test_export_example_envelope_and_categories(example_run: Path, tmp_path: Pat
         for d in singles]
     data = json.loads((tmp_path / "out" / "resid-L2-topk16_blocks.2.hook_resid_pre"
                        "_eval_results.json").read_text(encoding="utf-8"))
-    assert data["eval_type_id"] == "core" and data["eval_id"] == "20261123-134528-c62f"
+    assert data["eval_type_id"] == "core" and data["eval_id"] == original["run_id"].iloc[0]
     assert isinstance(data["datetime_epoch_millis"], int)
     assert data["eval_result_details"] == []
     assert data["sae_lens_id"] is None and data["sae_lens_release_id"] is None
