@@ -27,6 +27,7 @@ import itertools
 import json
 import pickle
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -556,7 +557,7 @@ def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) ->
                               {"source": f"{spec.release}:{spec.sae_id}"})
     if spec.kind == "factory":
         args = json.dumps(spec.args, sort_keys=True, default=str)
-        return DictionaryInfo(spec.hook, spec.hook, None, None, None,
+        return DictionaryInfo(spec.hook, spec.hook_out or spec.hook, None, None, None,
                               {"source": f"factory:{spec.ref} {args}"})
     directory = (loading.zoo_dir() / paths.dictionary_dir(spec.ref) if spec.kind == "zoo"
                  else _local(spec.ref, suite_path))
@@ -568,7 +569,7 @@ def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) ->
     identity = {"source": source,
                 "sha256": _sha256(directory / name for name in _IDENTITY_FILES)}
     read = spec.hook or info["read"]
-    write = info["write"] if info["write"] != info["read"] else read
+    write = spec.hook_out or (info["write"] if info["write"] != info["read"] else read)
     return DictionaryInfo(read, write, info["d_in"], info["d_out"], info["d_sae"], identity,
                           info["architecture"])
 
@@ -635,6 +636,20 @@ def _check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> Non
                              f"says {list(shape)}")
 
 
+@contextmanager
+def _importable_from(directory: Path | None) -> Iterator[None]:
+    """Modules beside the suite file importable for the block (a factory's `mymodule:fn`
+    needs no PYTHONPATH); sys.path is restored afterwards."""
+    if directory is None:
+        yield
+        return
+    sys.path.insert(0, str(directory))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(directory))
+
+
 def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | None,
                   field: str) -> Any:
     """Import `module:callable` and call it with the entry's args."""
@@ -645,7 +660,8 @@ def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | 
                      "allow_factory=True) to allow it")
     module_name, _, attribute = spec.ref.partition(":")
     try:
-        target: Any = importlib.import_module(module_name)
+        with _importable_from(Path(suite_path).parent if suite_path is not None else None):
+            target: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as err:
@@ -657,8 +673,9 @@ def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | 
 
 
 def adapt(spec: DictionarySpec, obj: Any) -> splice.Dictionary:
-    """`obj` as a `splice.Dictionary` named after the entry, with its `hook` override."""
-    return splice.as_dictionary(obj, name=spec.name, hook=spec.hook)
+    """`obj` as a `splice.Dictionary` named after the entry, with its `hook` and `hook_out`
+    overrides."""
+    return splice.as_dictionary(obj, name=spec.name, hook=spec.hook, hook_out=spec.hook_out)
 
 
 # ---------------------------------------------------------------------------- tasks

@@ -27,7 +27,8 @@ allow_factory: true           # `factory:` dictionaries run code: refused unless
 dictionaries:                 # name -> one of zoo: | path: | release: + sae_id: | factory:
   "resid-L{layer}-topk16": {zoo: "resid-L{layer}-topk16", for: {layer: [0, 1, 2, 3]}}
   resid-L2-poor: {zoo: resid-L2-poor}
-  mine: {path: saes/my_sae}   # a sae_lens directory, relative to this file
+  mine: {path: saes/my_sae}   # a sae_lens directory, relative to this file; `hook:` and
+                              # `hook_out:` override the hooks its cfg.json names
   "res-jb-L{layer}": {release: gpt2-small-res-jb, sae_id: "blocks.{layer}.hook_resid_pre",
                       for: {layer: "0..11"}}          # "a..b" is an inclusive range
   custom: {factory: "mypkg.mod:make_sae", args: {width: 512}, hook: blocks.0.hook_resid_pre}
@@ -62,7 +63,8 @@ Details of the contract:
 
 - `{var}` placeholders in a dictionary's name are expanded over `for:` (a list or an
   inclusive range `"a..b"`; several variables expand to their product) and substituted in
-  the entry's string fields (`zoo`, `path`, `release`, `sae_id`, `factory`, `hook` and the
+  the entry's string fields (`zoo`, `path`, `release`, `sae_id`, `factory`, `hook`,
+  `hook_out` and the
   string values of `args`). Names may use letters, digits and `_ . - /`.
 - Paths (`path:` models, dictionaries, tasks and data) are relative to the suite file's
   directory and must exist when the suite is loaded.
@@ -462,6 +464,7 @@ class DictionarySpec:
     sae_id: str | None = None
     args: dict = field(default_factory=dict)
     hook: str | None = None
+    hook_out: str | None = None
     line: int = 0
 
 
@@ -531,9 +534,10 @@ DATA_KEYS = ("source", "n_tokens", "context", "seed")
 SOURCE_KEYS = ("path", "hf", "split", "column")
 TOKEN_SUFFIXES = (".safetensors", ".pt", ".txt", ".jsonl")
 DICTIONARY_KINDS: dict[str, tuple[str, ...]] = {
-    "zoo": (), "path": (), "release": ("sae_id",), "factory": ("args", "hook"),
+    "zoo": (), "path": ("hook", "hook_out"), "release": ("sae_id",),
+    "factory": ("args", "hook", "hook_out"),
 }
-DICTIONARY_KEYS = (*DICTIONARY_KINDS, "sae_id", "args", "hook", "for")
+DICTIONARY_KEYS = (*DICTIONARY_KINDS, "sae_id", "args", "hook", "hook_out", "for")
 TASK_KEYS = ("zoo", "path")
 DEFAULTS_KEYS = ("options", "threshold")
 CHECK_KEYS = ("metric", "dictionaries", "splice", "task", "options", "threshold", "expect",
@@ -926,7 +930,8 @@ class _Parser:
             return DictionarySpec(name, kind, ref, line=line)
         if kind == "path":
             return DictionarySpec(name, kind, self.local_path(ref_node, ref_path, ref,
-                                                              "directory"), line=line)
+                                                              "directory"), hook=text("hook"),
+                                  hook_out=text("hook_out"), line=line)
         if kind == "release":
             return DictionarySpec(name, kind, ref, release=ref, sae_id=text("sae_id"), line=line)
         if not _FACTORY_RE.match(ref):
@@ -937,7 +942,8 @@ class _Parser:
             args = {k: self.substitute(v, binding, args_node, entry.sub("args"))
                     if isinstance(v, str) else v
                     for k, v in self.value(args_node, entry.sub("args")).items()}
-        return DictionarySpec(name, kind, ref, args=args, hook=text("hook"), line=line)
+        return DictionarySpec(name, kind, ref, args=args, hook=text("hook"),
+                              hook_out=text("hook_out"), line=line)
 
     # -- checks --------------------------------------------------------------------
 

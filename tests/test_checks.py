@@ -112,3 +112,36 @@ def test_a_bad_task_row_fails_only_that_tasks_checks_naming_the_entry_and_the_ro
     assert problem.verdict == "error"
     assert problem.message.startswith(f"{tmp_path / 's.yaml'}:3: tasks.mine: ")
     assert "mine.jsonl:1: field 'distractor'" in problem.message
+
+
+def test_hooks_on_a_path_entry_and_a_factory_beside_the_suite(tmp_path):
+    """A sae_lens directory saved without `metadata.hook_name` takes `hook:` from the suite,
+    and `factory: "module:fn"` finds a module next to the suite file without PYTHONPATH."""
+    sae = loading.load_zoo_dictionary("resid-L2-topk16")
+    sae.save_model(str(tmp_path / "nohook"))
+    cfg = json.loads((tmp_path / "nohook" / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = None
+    (tmp_path / "nohook" / "cfg.json").write_text(json.dumps(cfg))
+    (tmp_path / "local_saes.py").write_text(textwrap.dedent("""\
+        from saebench import loading
+
+        def make():
+            return loading.load_zoo_dictionary("resid-L2-topk16")
+        """))
+    (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
+        model: zoo
+        allow_factory: true
+        data: {source: zoo, n_tokens: 1024}
+        dictionaries:
+          given: {path: nohook, hook: blocks.2.hook_resid_pre}
+          missing: {path: nohook}
+          local: {factory: "local_saes:make"}
+        defaults: {options: {n_boot: 50}}
+        checks:
+          - {metric: l0, dictionaries: ["*"], threshold: "<= 70"}
+        """))
+    run = SuiteRun(load_suite(tmp_path / "s.yaml"), RunSettings(device="cpu"))
+    rows = {c.dictionaries[0]: run.result(c) for c in run.suite.checks}
+    assert rows["given"]["verdict"] == "pass" and rows["given"]["hook"] == "blocks.2.hook_resid_pre"
+    assert rows["local"]["verdict"] == "pass"
+    assert rows["missing"]["verdict"] == "error" and "hook" in rows["missing"]["message"]
