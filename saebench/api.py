@@ -122,6 +122,11 @@ def evaluate(
     Returns a DataFrame of result rows.
     """
     metric_objs = [get_metric(m) for m in metrics]
+    task_metrics = [m.name for m in metric_objs if m.kind == "task"]
+    if task_metrics:
+        raise ValueError(f"{', '.join(task_metrics)} are measured on a task's prompts, not on "
+                         "token data: use saebench.tasks.run_task(model, prompts, requests) "
+                         "(or a suite check with task:)")
     kinds = (ablation,) if isinstance(ablation, str) else tuple(ablation)
     sets = _as_sets(dictionaries)
     device = engine.resolve_device(device)

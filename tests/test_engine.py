@@ -201,3 +201,11 @@ def test_callable_dictionary_skips_feature_metrics_with_a_warning():
                          metrics=["ce_loss_recovered", "l0", "cossim"])
     assert list(df["metric"]) == ["ce_loss_recovered", "cossim"]
     assert df.set_index("metric").loc["cossim", "value"] == pytest.approx(1.0)
+
+
+def test_evaluate_refuses_task_metrics_with_a_pointer_to_run_task():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="logit_diff_recovered are measured on a task's "
+                                         "prompts.*run_task"):
+        run_metrics(model, {"id": wrap(Identity(), model, "blocks.0.hook_resid_pre")},
+                    tokens_for(model, 2, 0), metrics=["l0", "logit_diff_recovered"])
