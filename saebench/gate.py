@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,10 +215,10 @@ def write_baseline(run: results.RunDir, target: Path, check_ids: Sequence[str] |
     if not len(merged):
         return target
     base = results.RunDir(target)
-    staged = target / f".{results.RESULTS_FILE}.new"
-    staged.unlink(missing_ok=True)
-    results.append_rows(staged, merged.to_dict("records"), columns=list(merged.columns))
-    staged.replace(base.results)
+    with tempfile.TemporaryDirectory(dir=target) as staging:
+        staged = Path(staging) / results.RESULTS_FILE
+        results.append_rows(staged, merged.to_dict("records"), columns=list(merged.columns))
+        staged.replace(base.results)
     for check_id in frame["check_id"]:
         source, dest = run.terms_file(check_id), base.terms_file(check_id)
         if source.is_file():

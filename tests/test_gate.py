@@ -148,6 +148,8 @@ def test_write_baseline_keeps_other_rows_and_copies_terms(tmp_path):
     target = tmp_path / "baselines" / "toy"
     _run_dir(target, [{**row_of(base), "check_id": "kept", "value": 0.5}])
     gate.write_baseline(results.RunDir(run), target)
+    assert sorted(p.name for p in target.iterdir()) == [".results.csv.lock", "results.csv",
+                                                        "terms"]  # nothing staged is left
     loaded = gate.Baseline.load(target)
     assert set(loaded.rows) == {"kept", "d::ce_loss_recovered[zero]"}
     np.testing.assert_array_equal(loaded.terms("d::ce_loss_recovered[zero]")["ce_spliced"],
