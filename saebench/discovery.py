@@ -40,14 +40,30 @@ def explicit_paths(config: pytest.Config) -> set[Path]:
     return cached[1]
 
 
+def selects_suites(config: pytest.Config) -> bool:
+    """Whether the session's `-m` expression can select a suite check (marked `eval`): a
+    plain `pytest` of the unit tests (`-m 'not eval'`) then never reads, nor loads, a suite
+    under the suite directories, so a broken suite there cannot break it."""
+    from _pytest.mark.expression import Expression
+
+    expression = config.getoption("markexpr", "") or ""
+    if not expression:
+        return True
+    try:
+        return Expression.compile(expression).evaluate(lambda name, **_: name == "eval")
+    except Exception:  # noqa: BLE001 -- a bad expression is pytest's to report
+        return True
+
+
 def is_suite_file(file_path: Path, config: pytest.Config) -> bool:
-    """A `.yaml`/`.yml` file given explicitly, or lying under one of the suite directories."""
+    """A `.yaml`/`.yml` file given explicitly, or lying under one of the suite directories
+    when the session's `-m` expression can select suite checks (`selects_suites`)."""
     if file_path.suffix not in SUITE_SUFFIXES:
         return False
     resolved = file_path.resolve()
     if resolved in explicit_paths(config):
         return True
-    return any(resolved.is_relative_to(d) for d in suite_dirs(config))
+    return selects_suites(config) and any(resolved.is_relative_to(d) for d in suite_dirs(config))
 
 
 def _is_saebench_dest(dest: str) -> bool:

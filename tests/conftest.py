@@ -5,6 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# matplotlib is imported once for the session: pytester's in-process runs drop the modules
+# first imported inside them, and a second import of matplotlib mixes two copies of its
+# classes (`Figure(...)` then fails in `normalize_kwargs`).
+import saebench.plots  # noqa: F401
 from saebench import loading
 
 

@@ -245,3 +245,17 @@ def test_an_incompatible_transformer_lens_is_one_line_not_an_internal_error(pyte
     assert out.ret == pytest.ExitCode.INTERRUPTED
     out.stdout.fnmatch_lines(["*saebench needs transformer-lens >= 3, < 4*has 4.3.0*"])
     assert "INTERNALERROR" not in out.stdout.str() and "Traceback" not in out.stdout.str()
+
+
+def test_the_unit_tests_never_read_a_suite_unless_eval_is_selected(pytester):
+    """A broken suite saved under suites/ does not break a plain `pytest -m 'not eval'`, and
+    `pytest -m eval` reports it."""
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\naddopts = "-m \'not eval\'"\n')
+    (pytester.path / "suites").mkdir()
+    (pytester.path / "suites" / "mine.yaml").write_text(SUITE.replace("metric: l0", "metric: l00"))
+    pytester.makepyfile(test_unit="def test_unit():\n    assert 1\n")
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    plain.assert_outcomes(passed=1)
+    assert "mine.yaml" not in plain.stdout.str()
+    evals = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "eval")
+    evals.stdout.fnmatch_lines(["*mine.yaml:14: checks[[]1[]].metric: *unknown metric*"])
