@@ -299,7 +299,7 @@ class SuiteRun:
                 problem = (f"{where}.edits: features {bad} of {edit.dictionary!r} are outside "
                            f"0..{d_sae - 1} (d_sae={d_sae})")
         k = opts.get("k")
-        if k is not None and get_metric(check.metric).run_options and len(check.dictionaries):
+        if k is not None and "k" in get_metric(check.metric).run_options:
             info = self.infos.get(check.dictionaries[0])
             if info is not None and info.d_sae is not None and k > info.d_sae:
                 problem = f"{where}.k: k={k} is more than the dictionary's {info.d_sae} features"
