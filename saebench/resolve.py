@@ -30,18 +30,19 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import datasets
 import httpx
 import torch
-from sae_lens import SAE
+from sae_lens import SAE, TrainingSAE
 from sae_lens.loading.pretrained_saes_directory import (
     PretrainedSAELookup,
     get_pretrained_saes_directory,
 )
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -478,7 +479,9 @@ def resolve_dictionary(spec: DictionarySpec, *, device: str | torch.device,
 
     - `zoo`: `loading.load_zoo_dictionary(ref, device)`.
     - `path`: a sae_lens directory (`cfg.json` + `sae_weights.safetensors`, as written by
-      `save_model`), `SAE.load_from_disk`.
+      `save_model`), `SAE.load_from_disk`; one a training SAE wrote (e.g. BatchTopK) is
+      loaded with its training class and converted to its inference SAE as sae_lens
+      converts it (`_load_sae_lens_dir`).
     - `release`: `SAE.from_pretrained(release, sae_id, device)`; names are checked offline
       against sae_lens' pretrained directory first (ValueError with close matches), then
       the download may raise HubUnavailable.
@@ -492,7 +495,7 @@ def resolve_dictionary(spec: DictionarySpec, *, device: str | torch.device,
     if spec.kind == "path":
         directory = _local(spec.ref, suite_path)
         try:
-            return SAE.load_from_disk(str(directory), device=str(device))
+            return _load_sae_lens_dir(directory, str(device))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
             raise _error(suite_path, spec.line, field,
                          f"{directory}: cannot load a sae_lens dictionary ({_first_line(err)}); "
@@ -575,9 +578,10 @@ def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) ->
 
 
 def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
-    """Hooks and widths from a sae_lens directory's config, its weights header checked."""
+    """Hooks and widths from a sae_lens directory's config, its weights header checked; a
+    training SAE's config is read by its training class and reported under the architecture
+    it loads as (batchtopk as jumprelu)."""
     from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-    from sae_lens.registry import SAE_CLASS_REGISTRY
 
     if not directory.is_dir():
         raise ValueError(f"{directory} is not a directory")
@@ -587,28 +591,83 @@ def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{directory} is not a sae_lens dictionary directory: expected "
                          f"cfg.json and {WEIGHTS_FILE} (as SAE.save_model writes them); "
                          f"found {found}")
+    raw = _read_cfg(cfg_file)
+    architecture = raw.get("architecture", "standard")
+    training = _is_training_cfg(raw)
+    if not training and architecture not in SAE_CLASS_REGISTRY:
+        known = SAE_CLASS_REGISTRY | SAE_TRAINING_CLASS_REGISTRY
+        raise ValueError(f"{cfg_file}: unknown architecture {architecture!r}"
+                         f"{_suggest(str(architecture), known)}; sae_lens knows "
+                         f"{', '.join(SAE_CLASS_REGISTRY)} (inference SAEs) and "
+                         f"{', '.join(SAE_TRAINING_CLASS_REGISTRY)} (training SAEs)")
+    registry = SAE_TRAINING_CLASS_REGISTRY if training else SAE_CLASS_REGISTRY
+    try:
+        cfg = registry[architecture][1].from_dict(handle_config_defaulting(raw))
+    except (TypeError, ValueError, KeyError) as err:
+        kind = "training " if training else ""
+        raise ValueError(f"{cfg_file}: not a valid {architecture} {kind}config "
+                         f"({_first_line(err)})") from None
+    d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
+    d_out = int(getattr(cfg, "d_out", None) or d_in)
+    _check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
+    read = cfg.metadata.hook_name
+    if training:
+        architecture = cfg.get_inference_config_class().architecture()
+    return {"read": read, "write": getattr(cfg.metadata, "hook_name_out", None) or read,
+            "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "architecture": architecture}
+
+
+def _read_cfg(cfg_file: Path) -> dict[str, Any]:
+    """A sae_lens `cfg.json` as a dict; unreadable JSON or a non-object is a ValueError."""
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{cfg_file}: not valid JSON ({_first_line(err)})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object")
+    return raw
+
+
+def _is_training_cfg(raw: dict[str, Any]) -> bool:
+    """Whether a cfg.json was written by a training SAE's `save_model`: for a name shared with
+    an inference SAE (topk, ...), sae_lens 6 metadata names it and training-only fields are
+    there (`save_inference_model` drops those fields; pre-6 configs lack that metadata)."""
     architecture = raw.get("architecture", "standard")
+    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
+        return False
     if architecture not in SAE_CLASS_REGISTRY:
-        raise ValueError(f"{cfg_file}: unknown architecture {architecture!r}"
-                         f"{_suggest(str(architecture), SAE_CLASS_REGISTRY)}; sae_lens knows "
-                         f"{', '.join(SAE_CLASS_REGISTRY)}")
-    try:
-        cfg = SAE_CLASS_REGISTRY[architecture][1].from_dict(handle_config_defaulting(raw))
-    except (TypeError, ValueError, KeyError) as err:
-        raise ValueError(f"{cfg_file}: not a valid {architecture} config "
-                         f"({_first_line(err)})") from None
-    d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
-    d_out = int(getattr(cfg, "d_out", None) or d_in)
-    _check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
-    read = cfg.metadata.hook_name
-    return {"read": read, "write": getattr(cfg.metadata, "hook_name_out", None) or read,
-            "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "architecture": architecture}
+        return True
+    metadata = raw.get("metadata")
+    if not isinstance(metadata, dict) or metadata.get("training_architecture") != architecture:
+        return False
+    training_only = ({f.name for f in fields(SAE_TRAINING_CLASS_REGISTRY[architecture][1])}
+                     - {f.name for f in fields(SAE_CLASS_REGISTRY[architecture][1])})
+    return not training_only.isdisjoint(raw)
+
+
+def _load_sae_lens_dir(directory: Path, device: str) -> SAE:
+    """A sae_lens directory as an inference SAE, converting one a training SAE saved.
+
+    Loaded as saved, a training save would lose its conversion (TopK's decoder-norm fold)
+    or not load at all (batchtopk is no inference architecture).
+    """
+    cfg_file = directory / "cfg.json"
+    if cfg_file.is_file() and _is_training_cfg(_read_cfg(cfg_file)):
+        return _as_inference_sae(TrainingSAE.load_from_disk(str(directory), device=device))
+    return SAE.load_from_disk(str(directory), device=device)
+
+
+def _as_inference_sae(training: TrainingSAE) -> SAE:
+    """`training` as the SAE its `save_inference_model` + `SAE.load_from_disk` would give.
+
+    The same sae_lens hooks convert the weights and config, without writing files.
+    """
+    state = training.state_dict()
+    training.process_state_dict_for_saving_inference(state)
+    sae = SAE.from_dict(training.cfg.get_inference_sae_cfg_dict())
+    sae.process_state_dict_for_loading(state)
+    sae.load_state_dict(state)
+    return sae
 
 
 def _check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -13,8 +13,9 @@ import datasets
 import huggingface_hub
 import pytest
 import torch
-from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from sae_lens import SAE, StandardSAE, StandardSAEConfig, TrainingSAE
 from sae_lens.loading import pretrained_sae_loaders
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import save_file
 from transformer_lens import HookedTransformer
@@ -100,6 +101,85 @@ def test_path_dictionary_that_is_not_one(suite_path):
     with pytest.raises(SuiteError, match=r"suite.yaml:9: dictionaries.mine: .*empty: cannot "
                                          r"load a sae_lens dictionary"):
         resolve.resolve_dictionary(spec, device="cpu", suite_path=suite_path)
+
+
+# Every architecture sae_lens has a training class for; each one's `save_model` works.
+TRAINING_ARCHITECTURES = ["standard", "gated", "topk", "abstopk", "jumprelu", "batchtopk",
+                          "matryoshka_batchtopk", "matching_pursuit"]
+# Training architectures saved as another inference one. They keep k active over the whole
+# batch in training, which the saved JumpReLU threshold only approximates, so their training
+# forward is no reference for the inference SAE.
+SAVED_AS = {"batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+
+
+def _training_sae(architecture: str) -> TrainingSAE:
+    """A random 6 -> 12 training SAE, its thresholds (where it has one) positive."""
+    sae_class, cfg_class = SAE_TRAINING_CLASS_REGISTRY[architecture]
+    extra: dict = {"k": 3} if "topk" in architecture else {}
+    if architecture == "matryoshka_batchtopk":
+        extra["matryoshka_widths"] = [4, 12]
+    if architecture == "matching_pursuit":
+        extra["decoder_init_norm"] = 1.0
+    torch.manual_seed(0)
+    sae = sae_class(cfg_class(d_in=6, d_sae=12, **extra,
+                              metadata=SAEMetadata(hook_name="blocks.0.hook_resid_pre")))
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.normal_()
+        for name in ("threshold", "topk_threshold"):
+            if hasattr(sae, name):
+                getattr(sae, name).abs_().add_(0.3)
+    return sae
+
+
+def test_every_training_architecture_is_covered():
+    assert sorted(TRAINING_ARCHITECTURES) == sorted(SAE_TRAINING_CLASS_REGISTRY)
+
+
+@pytest.mark.parametrize("architecture", TRAINING_ARCHITECTURES)
+def test_training_sae_dir_loads_as_its_inference_sae(tmp_path, architecture):
+    training = _training_sae(architecture)
+    training.save_model(str(tmp_path / "trained"))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = training.eval().encode(x)
+        training.save_inference_model(str(tmp_path / "reference"))  # sae_lens' conversion
+    reference = SAE.load_from_disk(str(tmp_path / "reference"))
+    spec = DictionarySpec("mine", "path", "trained", line=9)
+    info = resolve.probe_dictionary(spec, suite_path=tmp_path / "suite.yaml")
+    assert (info.architecture, info.d_in, info.d_sae, info.d_out) == (
+        SAVED_AS.get(architecture, architecture), 6, 12, 6)
+    assert info.read_hook == info.write_hook == "blocks.0.hook_resid_pre"
+    assert set(info.identity) == {"source", "sha256"}
+    for name in ("trained", "reference"):  # the inference save loads as saved, unconverted
+        loaded = resolve.resolve_dictionary(DictionarySpec("mine", "path", name, line=9),
+                                            device="cpu", suite_path=tmp_path / "suite.yaml")
+        assert type(loaded) is type(reference)
+        with torch.no_grad():
+            features = loaded.encode(x)
+            assert torch.equal(features, reference.encode(x))
+            assert torch.equal(loaded.decode(features), reference.decode(features))
+    assert 0 < features.count_nonzero() < features.numel()
+    if architecture not in SAVED_AS:
+        assert torch.allclose(features, own, atol=1e-5)
+
+
+@pytest.mark.parametrize(("architecture", "message"), [
+    ("mystery", r"unknown architecture 'mystery'; sae_lens knows standard, gated, .*jumprelu.* "
+                r"\(inference SAEs\) and standard, .*batchtopk.* \(training SAEs\)"),
+    ("batch_topk", r"unknown architecture 'batch_topk'; close matches: batchtopk"),
+])
+def test_path_dictionary_of_unknown_architecture(tmp_path, architecture, message):
+    _training_sae("batchtopk").save_model(str(tmp_path / "odd"))
+    cfg = json.loads((tmp_path / "odd" / "cfg.json").read_text())
+    (tmp_path / "odd" / "cfg.json").write_text(json.dumps(cfg | {"architecture": architecture}))
+    spec = DictionarySpec("mine", "path", "odd", line=9)
+    with pytest.raises(SuiteError, match=r"suite.yaml:9: dictionaries.mine: .*cfg.json: "
+                                         + message):
+        resolve.probe_dictionary(spec, suite_path=tmp_path / "suite.yaml")
+    with pytest.raises(SuiteError, match=rf"cannot load a sae_lens dictionary \(KeyError: "
+                                         rf"'{architecture}'\)"):
+        resolve.resolve_dictionary(spec, device="cpu", suite_path=tmp_path / "suite.yaml")
 
 
 def test_transformer_lens_config_dir(zoo_model, tmp_path):
