@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -57,7 +57,10 @@ class RunSettings:
     dtype: str | None = None
     n_tokens: int | None = None
     seed: int | None = None
-    progress: bool = False
+
+
+Status = Callable[[str], None]
+"""A callback told, as a short text, how far a computation is."""
 
 
 class Problem(NamedTuple):
@@ -168,12 +171,15 @@ class SuiteRun:
         self._prepared = False
         self._terms: dict[tuple, dict[str, torch.Tensor]] = {}
         self._task_rows: dict[tuple, tuple[list[dict], list[dict]]] = {}
+        self._compute_s: dict[str, float] = {}
+        self._moments: dict[tuple[str, str], torch.Tensor] = {}
 
     def fresh(self) -> SuiteRun:
         """A run over the same prepared objects that has computed nothing yet: what a check
         computed on its own sees (a test compares it with the whole suite's run)."""
         run = copy.copy(self)
         run._terms, run._task_rows, run._problems = {}, {}, dict(self._problems)
+        run._compute_s, run._moments = {}, {}
         return run
 
     # -- collection ------------------------------------------------------------------
@@ -346,15 +352,24 @@ class SuiteRun:
         return (check.dictionaries, check.task, opts["positions"], opts["error_term"],
                 opts["edits"], shaping)
 
-    def compute(self, checks: Iterable[Check]) -> None:
+    def uncomputed(self, checks: Iterable[Check]) -> list[Check]:
+        """The checks among `checks` that `compute` would compute: no problem known yet,
+        and terms not computed yet."""
+        self.prepare()
+        return [c for c in checks if self.problem(c) is None
+                and not set(_needed_terms(c)) <= set(self._terms.get(self._request_key(c), {}))]
+
+    def compute(self, checks: Iterable[Check], status: Status | None = None) -> None:
         """Compute every check among `checks` that has no problem and whose terms are not
         computed yet: one engine run per batch size over the token data (their clean pass
         is shared), one task run per task. A run that fails is retried request by request,
-        so a failure is kept only for the checks of the request that caused it."""
-        self.prepare()
-        pending = [c for c in checks if self.problem(c) is None
-                   and not set(_needed_terms(c)) <= set(self._terms.get(self._request_key(c),
-                                                                       {}))]
+        so a failure is kept only for the checks of the request that caused it.
+
+        `status(text)` is told which run is going and how far its batches are. The wall
+        time of the call is shared equally among the checks it computed (`duration_s`).
+        """
+        started = time.perf_counter()
+        pending = self.uncomputed(checks)
         for name in dict.fromkeys(n for c in pending for n in c.dictionaries):
             if name not in self._dictionaries and f"dictionary:{name}" not in self._problems:
                 with contextlib.suppress(SuiteError, resolve.HubUnavailable):
@@ -364,9 +379,16 @@ class SuiteRun:
         for check in pending:
             run_key = (check.task, _options(check)["batch_size"])
             by_run[run_key][self._request_key(check)].append(check)
-        for (task, batch_size), groups in by_run.items():
-            options = engine.EngineOptions(batch_size=batch_size, progress=self.settings.progress)
+        for i, ((task, batch_size), groups) in enumerate(by_run.items()):
+            what = f"run {i + 1}/{len(by_run)}" if len(by_run) > 1 else "run"
+            what += f" on task {task}" if task else ""
+            if status is not None:
+                status(what)
+            options = engine.EngineOptions(batch_size=batch_size, progress=False,
+                                           on_batch=_batch_status(status, what))
             self._run_isolated(task, options, groups)
+        for check in pending:
+            self._compute_s[check.id] = (time.perf_counter() - started) / len(pending)
 
     def _run_isolated(self, task: str | None, options: engine.EngineOptions,
                       groups: dict[tuple, list[Check]]) -> None:
@@ -387,7 +409,7 @@ class SuiteRun:
         if task is None:
             requests = [self._request(i, key, group) for i, (key, group) in
                         enumerate(groups.items())]
-            terms = engine.run(self.model, self.tokens, requests, options)
+            terms = engine.run(self.model, self.tokens, requests, options, self._moments)
         else:
             requests = [self._task_request(i, key, group) for i, (key, group) in
                         enumerate(groups.items())]
@@ -510,10 +532,15 @@ class SuiteRun:
         problem of the check's inputs or computation, which becomes its verdict."""
         started = time.time()
         self.compute([check])
+        own = time.perf_counter()
+
+        def duration() -> float:
+            return round(self._compute_s.get(check.id, 0.0) + time.perf_counter() - own, 4)
+
         problem = self.problem(check)
         if problem is not None:
             return self._row(check, verdict=problem.verdict, message=problem.message,
-                             started_at=started, duration_s=round(time.time() - started, 4))
+                             started_at=started, duration_s=duration())
         opts = _options(check)
         metric = get_metric(check.metric)
         summary = summarize(metric, self._terms[self._request_key(check)],
@@ -525,7 +552,7 @@ class SuiteRun:
             check, value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
             n=summary.n, verdict=verdict, message=message,
             parts=json.dumps(summary.parts, sort_keys=True),
-            started_at=started, duration_s=round(time.time() - started, 4))
+            started_at=started, duration_s=duration())
 
     def reuse(self, check: Check, row: dict[str, Any]) -> dict[str, Any] | None:
         """A stored row of `check` brought up to date, or None when it must be recomputed:
@@ -541,6 +568,13 @@ class SuiteRun:
         return {**row, "verdict": verdict, "message": message,
                 "threshold": str(check.threshold or ""),
                 "resumed": "re-judged" if changed else "reused"}
+
+
+def _batch_status(status: Status | None, what: str) -> Callable[[int, int | None], None] | None:
+    """The engine's `on_batch` callback that tells `status` how many sequences are done."""
+    if status is None:
+        return None
+    return lambda done, total: status(f"{what}: {done}/{total or '?'} sequences")
 
 
 def _pathological(group: list[Check], options: list[dict[str, Any]], seed: int) -> dict:

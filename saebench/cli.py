@@ -1,6 +1,7 @@
 """The `saebench` command: one argparse tree over the package's tools.
 
-    saebench run suites/toy.yaml [pytest args]     the suite's checks (as `pytest -m eval`)
+    saebench run toy [pytest args]                 a suite's checks (as `pytest -m eval`): a
+                                                   suite file, or a packaged suite by name
     saebench report RUN_DIR                        rebuild a run's report.md and plots
     saebench gate NEW --baseline OLD               what regressed between two runs
     saebench leaderboard RUN_DIR... -o DIR         rank dictionaries across runs
@@ -24,7 +25,14 @@ import saebench
 def _run(args: argparse.Namespace) -> int:
     import pytest
 
-    return int(pytest.main(["-m", "eval", *map(str, args.suites), *args.pytest_args]))
+    from saebench.discovery import suite_arg
+
+    try:
+        suites = [suite_arg(s) for s in args.suites]
+    except pytest.UsageError as err:
+        print(f"saebench run: {err}", file=sys.stderr)
+        return 2
+    return int(pytest.main(["-m", "eval", *suites, *args.pytest_args]))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -76,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run suites' checks (the same items and reports as "
                                           "`pytest -m eval SUITE`)")
-    run.add_argument("suites", nargs="+", type=Path, metavar="SUITE", help="suite files")
+    run.add_argument("suites", nargs="+", metavar="SUITE",
+                     help="suite files, or packaged suites by name (toy)")
     run.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="...",
                      help="further pytest options, e.g. -k resid --saebench-baseline DIR")
     run.set_defaults(func=_run)

@@ -12,12 +12,37 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 SUITE_SUFFIXES = (".yaml", ".yml")
+PACKAGED = Path(__file__).parent / "suites"
+"""The suites shipped in the package (the toy suite), named by their file's stem."""
+
+
+def packaged_suites() -> dict[str, Path]:
+    """The packaged suites by name: `{"toy": .../saebench/suites/toy.yaml}`."""
+    return {p.stem: p for p in sorted(PACKAGED.glob("*.yaml"))}
+
+
+def suite_arg(arg: str) -> str:
+    """A `--suite` (or `saebench run`) argument as a path to collect: a path as given, a
+    bare name such as `toy` (or `toy::resid-L2-topk16`) as that packaged suite's file.
+
+        >>> suite_arg("toy")
+        '/.../site-packages/saebench/suites/toy.yaml'
+    """
+    path, sep, node = arg.partition("::")
+    if Path(path).exists() or "/" in path or Path(path).suffix in SUITE_SUFFIXES:
+        return arg
+    packaged = packaged_suites()
+    if path not in packaged:
+        raise pytest.UsageError(f"suite {path!r}: no such file, nor a packaged suite (the "
+                                f"package has: {', '.join(packaged) or 'none'})")
+    return f"{packaged[path]}{sep}{node}"
 
 
 def suite_dirs(config: pytest.Config) -> list[Path]:
@@ -60,10 +85,10 @@ def is_suite_file(file_path: Path, config: pytest.Config) -> bool:
     when the session's `-m` expression can select suite checks (`selects_suites`)."""
     if file_path.suffix not in SUITE_SUFFIXES:
         return False
-    resolved = file_path.resolve()
-    if resolved in explicit_paths(config):
+    if file_path.resolve() in explicit_paths(config):
         return True
-    return selects_suites(config) and any(resolved.is_relative_to(d) for d in suite_dirs(config))
+    absolute = Path(os.path.abspath(file_path))  # a link under a suite dir is a suite there
+    return selects_suites(config) and any(absolute.is_relative_to(d) for d in suite_dirs(config))
 
 
 def _is_saebench_dest(dest: str) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,7 +119,9 @@ def _suffix_pass(model, cache, batch, layer: int | None, fwd_hooks, rows: int | 
 
 @dataclass
 class EngineOptions:
-    """How the engine runs: batch size, device and dtype, special tokens, progress bar."""
+    """How the engine runs: batch size, device and dtype, special tokens, progress bar;
+    `on_batch(done, total)` is called after each batch with the sequences done so far and
+    the total (None for an iterable of batches)."""
 
     batch_size: int = 16
     device: str | torch.device | None = None
@@ -127,6 +129,7 @@ class EngineOptions:
     exclude_special_tokens: bool = True
     progress: bool = True
     special_token_ids: Sequence[int] | None = None
+    on_batch: Callable[[int, int | None], None] | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -253,6 +256,18 @@ def _moments(model, tokens, mean_hooks: Sequence[str], cov_hooks: Sequence[str],
     return means, covs
 
 
+def _kept_moments(model, tokens, mean_hooks: Sequence[str], cov_hooks: Sequence[str],
+                  options: EngineOptions, kept: dict[tuple[str, str], Tensor]
+                  ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """`_moments`, computing only those not in `kept` and adding them to it."""
+    means, covs = _moments(model, tokens, [h for h in mean_hooks if ("mean", h) not in kept],
+                           [h for h in cov_hooks if ("cov", h) not in kept], options)
+    kept.update({("mean", h): m for h, m in means.items()})
+    kept.update({("cov", h): c for h, c in covs.items()})
+    return ({h: kept[("mean", h)] for h in mean_hooks if ("mean", h) in kept},
+            {h: kept[("cov", h)] for h in cov_hooks if ("cov", h) in kept})
+
+
 def covariance_factor(cov: Tensor) -> Tensor:
     """F with F Fᵀ = `cov` (eigendecomposition; negative rounding eigenvalues clipped to 0),
     so `z @ F.T` for z ~ N(0, I) is distributed N(0, cov), also when `cov` is singular."""
@@ -280,8 +295,13 @@ def run(
     tokens: torch.Tensor | Iterable[torch.Tensor],
     requests: Sequence[Request],
     options: EngineOptions | None = None,
+    moments: dict[tuple[str, str], Tensor] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Evaluate every request over `tokens` ([n, seq] or an iterable of batches).
+
+    `moments`, when given, holds the activation means and covariances of earlier runs over
+    the same tokens, by ("mean" | "cov", hook): they are read from it, and the run adds the
+    ones it computes, so runs done one dictionary at a time compute each once.
 
     Returns `{request.key: {term: per-sequence tensor}}` (float64, on the CPU).
     """
@@ -298,7 +318,8 @@ def run(
     mean_hooks = sorted({h for hooks, kind in ablation_sets if kind == "mean" for h in hooks})
     cov_hooks = sorted({r.write_hooks[0] for r in requests if r.pathological_draws
                         and "covariance" in r.pathological_baselines})
-    means, covs = _moments(model, tokens, mean_hooks, cov_hooks, options)
+    means, covs = _kept_moments(model, tokens, mean_hooks, cov_hooks, options,
+                                {} if moments is None else moments)
     factors = {hook: covariance_factor(cov).float() for hook, cov in covs.items()}
 
     logs = {r.key: _TermLog() for r in requests}
@@ -351,6 +372,8 @@ def run(
             logs[request.key].add(**health_terms(record, evaluated))
         bar.update(len(batch))
         first_row += len(batch)
+        if options.on_batch is not None:
+            options.on_batch(first_row, total)
     bar.close()
 
     results = {}

@@ -27,7 +27,12 @@ from typing import Any
 
 import pytest
 
-from saebench.discovery import is_suite_file, pytest_load_initial_conftests  # noqa: F401
+from saebench.discovery import (  # noqa: F401
+    is_suite_file,
+    pytest_load_initial_conftests,
+    suite_arg,
+)
+from saebench.progress import MODES, GroupProgress
 
 STATE = pytest.StashKey["_State"]()
 DTYPES = ("float32", "float16", "bfloat16", "float64", "float", "half", "double")
@@ -36,8 +41,9 @@ _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("saebench", "saebench: SAE faithfulness suites")
-    group.addoption("--suite", action="append", default=[], metavar="PATH",
-                    help="collect this suite file (repeatable); replaces the default paths")
+    group.addoption("--suite", action="append", default=[], metavar="PATH|NAME",
+                    help="collect this suite file, or the packaged suite of that name (toy); "
+                         "repeatable; replaces the default paths")
     group.addoption("--saebench-device", default=None,
                     help="device for models and dictionaries: cpu, cuda, cuda:N or mps "
                          "(default: cuda, mps, cpu, the first available)")
@@ -52,8 +58,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--saebench-resume", default=None, metavar="RUN_DIR",
                     help="continue an interrupted run: finished checks whose inputs are "
                          "unchanged are read, not recomputed")
-    group.addoption("--saebench-progress", action="store_true",
-                    help="show a progress bar for each engine run")
+    group.addoption("--saebench-progress", nargs="?", const="on", default="auto",
+                    choices=MODES, help="a line per dictionary group while it is computed, "
+                    "live in a terminal: auto (in a terminal, the default), on, off")
     group.addoption("--saebench-baseline", default=None, metavar="PATH",
                     help="compare every check with its row in this baseline (a run directory, "
                          "or a directory of baselines by suite name); a missing baseline is "
@@ -123,6 +130,8 @@ class _State:
         self.strict = opt("--saebench-strict")
         self.baselines: dict[Path, Any] = {}
         self.measured = 0
+        self.progress = GroupProgress(config, "off" if self.is_worker
+                                      else opt("--saebench-progress"))
 
     @functools.cached_property
     def settings(self):
@@ -132,8 +141,7 @@ class _State:
 
         opt = self.config.getoption
         return RunSettings(device=opt("--saebench-device"), dtype=opt("--saebench-dtype"),
-                           n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"),
-                           progress=opt("--saebench-progress"))
+                           n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"))
 
     def suite_run(self, suite):
         from saebench.checks import SuiteRun
@@ -163,12 +171,20 @@ class _State:
                 raise pytest.UsageError(f"--saebench-baseline {target}: {err}") from None
         return self.baselines[suite.path]
 
-    def pending_checks(self, run, suite, check) -> list:
-        """The selected checks of `suite` that must be computed (not reusable)."""
+    def compute_group(self, run, suite, check, nodeid: str) -> None:
+        """Compute the selected checks of `check`'s group (its dictionary or spliced set)
+        that are neither reusable nor computed yet, showing progress: groups are computed
+        one at a time, in the order their first check runs, so their rows are written (and
+        resumable) as soon as each is done."""
         if suite.path not in self.pending:
             self.pending[suite.path] = [c for c in self.selected.get(suite.path, [check])
                                         if self.reusable(run, c) is None]
-        return self.pending[suite.path]
+        group = run.uncomputed(c for c in self.pending[suite.path]
+                               if c.dictionaries == check.dictionaries)
+        if group:
+            label = f"{suite.name}::{'+'.join(check.dictionaries)}"
+            with self.progress.group(label, len(group), nodeid) as status:
+                run.compute(group, status)
 
 
 def _stored_rows(run_dir: Path) -> tuple[dict[str, dict], set[str]]:
@@ -213,7 +229,7 @@ def pytest_configure(config: pytest.Config) -> None:
     suites = config.getoption("--suite")
     if suites:
         explicit = config.args_source == pytest.Config.ArgsSource.ARGS
-        config.args[:] = [*(config.args if explicit else []), *suites]
+        config.args[:] = [*(config.args if explicit else []), *map(suite_arg, suites)]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -333,7 +349,7 @@ class CheckItem(pytest.Item):
         fresh = row is None
         if fresh:
             if not state.is_worker:
-                run.compute(state.pending_checks(run, self.suite, self.check))
+                state.compute_group(run, self.suite, self.check, self.nodeid)
             row = run.result(self.check)
             row["resumed"] = "recomputed" if self.check.id in state.seen else ""
             results.write_terms(state.run, self.check.id, run.terms_of(self.check))

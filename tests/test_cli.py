@@ -60,3 +60,34 @@ def test_run_passes_pytest_options_and_exit_codes_through(tmp_path):
     assert "1 passed" in passing.stdout
     failing = saebench_cmd("run", "mini.yaml", "-p", "no:cacheprovider", cwd=tmp_path)
     assert failing.returncode == 1 and "cossim" in failing.stdout
+
+
+def test_the_packaged_toy_suite_runs_by_name_from_an_empty_directory(tmp_path):
+    """`saebench run toy` needs no checkout: the suite ships in the package (the wheel test
+    below shows it is packaged, not read from the source tree)."""
+    ran = saebench_cmd("run", "toy", "-k", "resid-L2-topk16 and l0", "-p", "no:cacheprovider",
+                       "--saebench-tokens", "2048", cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-2000:]
+    assert "1 passed" in ran.stdout
+    (run_dir,) = (tmp_path / "reports").iterdir()
+    assert (run_dir / "report.md").is_file()
+    unknown = saebench_cmd("run", "toy2", cwd=tmp_path)
+    assert unknown.returncode == 2
+    assert "suite 'toy2': no such file, nor a packaged suite (the package has: toy)" \
+        in unknown.stderr
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", "--suite", "toy",
+                                "--collect-only", "-q", "-p", "no:cacheprovider"],
+                               capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert "199 tests collected" in collected.stdout, collected.stdout[-2000:]
+
+
+def test_the_wheel_ships_the_toy_suite_and_the_zoo(tmp_path):
+    import zipfile
+
+    root = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps",
+                    "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True, timeout=600)
+    (wheel,) = tmp_path.glob("saebench-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "saebench/suites/toy.yaml" in names
+    assert "saebench/zoo/artifacts/manifest.json" in names

@@ -259,3 +259,45 @@ def test_the_unit_tests_never_read_a_suite_unless_eval_is_selected(pytester):
     assert "mine.yaml" not in plain.stdout.str()
     evals = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-m", "eval")
     evals.stdout.fnmatch_lines(["*mine.yaml:14: checks[[]1[]].metric: *unknown metric*"])
+
+
+def test_a_run_killed_after_its_first_group_leaves_its_rows_and_resumes(pytester, suite_dir):
+    """Groups are computed and written one at a time: a SIGKILL right after the last check
+    of the first group (`good`) leaves that group's rows, which a resume reuses."""
+    pytester.makeconftest(
+        "import os, signal\n\n\ndef pytest_runtest_logfinish(nodeid):\n"
+        "    if nodeid.endswith('good::explained_variance'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = pytester.runpytest_subprocess("-m", "eval", "mini.yaml", "-p", "no:cacheprovider")
+    assert killed.ret == -9
+    (run_dir,) = (pytester.path / "reports").iterdir()
+    good = ["good::ce_loss_recovered[zero]", "good::l0", "good::explained_variance"]
+    assert sorted(pd.read_csv(run_dir / "results.csv")["check_id"]) == sorted(good)
+    (pytester.path / "conftest.py").unlink()
+    resumed = pytester.runpytest_subprocess("-m", "eval", "mini.yaml", "-p", "no:cacheprovider",
+                                            f"--saebench-resume={run_dir}")
+    resumed.assert_outcomes(passed=3, failed=1, xfailed=1)
+    resumed.stdout.fnmatch_lines([f"saebench resume of {run_dir}: 3 reused"])
+    assert sorted(pd.read_csv(run_dir / "results.csv")["check_id"]) == sorted(IDS)
+
+
+def test_progress_names_each_group_without_capture_off_and_durations_share_its_time(
+        pytester, suite_dir):
+    quiet = pytester.runpytest("-m", "eval", "mini.yaml", "-p", "no:cacheprovider")
+    assert "saebench ▸" not in quiet.stdout.str()  # auto: live only in a terminal
+    shown = pytester.runpytest("-m", "eval", "mini.yaml", "-p", "no:cacheprovider",
+                               "--saebench-progress", "--saebench-report-dir=shown")
+    shown.assert_outcomes(passed=3, failed=1, xfailed=1)
+    shown.stdout.fnmatch_lines(["saebench ▸ mini::good: 3 checks computed in * s",
+                                "mini.yaml ..F",
+                                "saebench ▸ mini::poor: 2 checks computed in * s",
+                                "mini.yaml .x*"])
+    (run_dir,) = (pytester.path / "shown").iterdir()
+    df = pd.read_csv(run_dir / "results.csv")
+    for group in ("good", "poor"):
+        line = next(t for t in shown.outlines if t.startswith(f"saebench ▸ mini::{group}:"))
+        seconds = float(line.split(" computed in ")[1].removesuffix(" s"))
+        durations = df.loc[df["check_id"].str.startswith(f"{group}::"), "duration_s"]
+        assert (durations > 0).all()
+        assert seconds - 0.06 <= durations.sum() < seconds + 1
+
