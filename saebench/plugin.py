@@ -13,6 +13,7 @@ worker), and each finished check is appended to `reports/<run-id>/results.csv`;
     pytest -m eval                                  # every suite under suites/
     pytest -m eval --suite my_saes.yaml -k resid    # one suite, a selection of its checks
     pytest -m eval -n 2                             # pytest-xdist workers share one run dir
+    pytest -m eval -n 4 --saebench-device cuda      # on 4 GPUs: a GPU per worker
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from saebench import workers
 from saebench.discovery import (  # noqa: F401
     is_suite_file,
     pytest_load_initial_conftests,
@@ -140,7 +142,7 @@ class _State:
         from saebench.checks import RunSettings
 
         opt = self.config.getoption
-        return RunSettings(device=opt("--saebench-device"), dtype=opt("--saebench-dtype"),
+        return RunSettings(device=workers.device(self.config), dtype=opt("--saebench-dtype"),
                            n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"))
 
     def suite_run(self, suite):
@@ -236,6 +238,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_configure_node(node: Any) -> None:
     """pytest-xdist: every worker writes into the controller's run directory."""
     node.workerinput["saebench_run_dir"] = str(node.config.stash[STATE].run_dir)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection(session: pytest.Session) -> None:
+    """Before xdist's controller hook (which collects nothing): warn where workers would
+    share a device."""
+    workers.warn_if_shared(session.config)
 
 
 SUPPORTED = {"transformer-lens": (3, 4)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pandas as pd
@@ -301,3 +302,21 @@ def test_progress_names_each_group_without_capture_off_and_durations_share_its_t
         assert (durations > 0).all()
         assert seconds - 0.06 <= durations.sum() < seconds + 1
 
+
+def test_xdist_on_cpu_warns_once_on_the_controller_that_workers_share_the_device(
+        pytester, suite_dir):
+    out = pytester.runpytest_subprocess("-m", "eval", "mini.yaml", "-n", "2", "-k", "l0",
+                                        "--saebench-device", "cpu", "-p", "no:cacheprovider")
+    out.assert_outcomes(passed=2)
+    out.stdout.fnmatch_lines(["*SaebenchWarning: the xdist workers share one device (cpu): "
+                              "xdist is slower there, as each worker loads the model*"])
+    # the warnings summary lists a location per warning issued; a worker's would add one
+    assert sum(bool(re.fullmatch(r"\S*saebench/workers\.py:\d+", line))
+               for line in out.outlines) == 1
+
+
+def test_a_serial_run_does_not_warn_about_xdist(pytester, suite_dir):
+    out = pytester.runpytest("-m", "eval", "mini.yaml", "-k", "good and l0",
+                             "--saebench-device", "cpu", "-p", "no:cacheprovider")
+    out.assert_outcomes(passed=1)
+    assert "SaebenchWarning" not in out.stdout.str()
