@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -33,10 +33,11 @@ import torch
 from saebench import engine, resolve, results, tasks
 from saebench.api import model_hash, provenance
 from saebench.metrics.pathological import DEFAULT_DRAWS
-from saebench.metrics.registry import get_metric
-from saebench.splice import Dictionary, FeatureEdit, position_mask
+from saebench.metrics.registry import RANDOM, Metric, get_metric, margin_over_random
+from saebench.splice import Dictionary, FeatureEdit, position_mask, random_like
 from saebench.stats import summarize
 from saebench.suite import (
+    MARGIN_TARGETS,
     OPTIONS,
     Check,
     Suite,
@@ -100,7 +101,7 @@ def contradiction(row: dict[str, Any]) -> str | None:
         return f"unknown verdict {verdict!r}"
     if verdict not in ("pass", "fail", "xfail", "xpass"):
         return None
-    values = {k: row.get(k) for k in ("value", "ci_low", "ci_high")}
+    values = {k: row.get(k) for k in ("value", "ci_low", "ci_high", *results.RANDOM_COLUMNS)}
     if not isinstance(values["value"], float) or not math.isfinite(values["value"]):
         return f"verdict {verdict} without a finite value"
     if not row.get("threshold"):
@@ -352,12 +353,23 @@ class SuiteRun:
         return (check.dictionaries, check.task, opts["positions"], opts["error_term"],
                 opts["edits"], shaping)
 
+    def _random_key(self, check: Check) -> tuple:
+        """The request of `check`'s random baseline: its set, passes and ablations with
+        random-weight dictionaries drawn from the check's seed."""
+        return (*self._request_key(check)[:5], (("random", self._seed(check)),))
+
+    def _keys(self, check: Check) -> list[tuple]:
+        """The requests whose terms `check` reads."""
+        random = _options(check)["random_baseline"]
+        return [self._request_key(check), *([self._random_key(check)] if random else [])]
+
     def uncomputed(self, checks: Iterable[Check]) -> list[Check]:
         """The checks among `checks` that `compute` would compute: no problem known yet,
         and terms not computed yet."""
         self.prepare()
         return [c for c in checks if self.problem(c) is None
-                and not set(_needed_terms(c)) <= set(self._terms.get(self._request_key(c), {}))]
+                and not all(set(_needed_terms(c)) <= set(self._terms.get(key, {}))
+                            for key in self._keys(c))]
 
     def compute(self, checks: Iterable[Check], status: Status | None = None) -> None:
         """Compute every check among `checks` that has no problem and whose terms are not
@@ -378,7 +390,8 @@ class SuiteRun:
         by_run: dict[tuple, dict[tuple, list[Check]]] = defaultdict(lambda: defaultdict(list))
         for check in pending:
             run_key = (check.task, _options(check)["batch_size"])
-            by_run[run_key][self._request_key(check)].append(check)
+            for key in self._keys(check):
+                by_run[run_key][key].append(check)
         for i, ((task, batch_size), groups) in enumerate(by_run.items()):
             what = f"run {i + 1}/{len(by_run)}" if len(by_run) > 1 else "run"
             what += f" on task {task}" if task else ""
@@ -440,6 +453,8 @@ class SuiteRun:
 
     def _request(self, index: int, key: tuple, group: list[Check]) -> engine.Request:
         dictionaries = tuple(self._dictionaries[name] for name in key[0])
+        if key[5] and key[5][0][0] == "random":
+            return self._random_request(index, key, group, dictionaries)
         metrics = [get_metric(c.metric) for c in group]
         options = [_options(c) for c in group]
         positions = options[0]["positions"]
@@ -455,6 +470,20 @@ class SuiteRun:
             edits=_feature_edits(key, options[0]),
             **_pathological(group, options, self._seed(group[0])),
         )
+
+    def _random_request(self, index: int, key: tuple, group: list[Check],
+                        dictionaries: tuple[Dictionary, ...]) -> engine.Request:
+        """The spliced run of random-weight dictionaries shaped like `dictionaries`."""
+        seed = key[5][0][1]
+        options = [_options(c) for c in group]
+        return engine.Request(
+            key=f"{index}:random:" + "+".join(key[0]),
+            dictionaries=tuple(random_like(d, seed) for d in dictionaries),
+            reconstruction=False,
+            ablations=tuple(sorted({o["ablation"] for o in options})),
+            error_term=options[0]["error_term"],
+            positions=None if options[0]["positions"] == "all" else options[0]["positions"],
+            edits=_feature_edits(key, options[0]))
 
     def extra_rows(self, check: Check) -> dict[str, list[dict[str, Any]]]:
         """Prompt-level and feature-level rows of a task check, for `per_prompt.csv` and
@@ -489,7 +518,8 @@ class SuiteRun:
             "dictionaries": [{**self.infos[n].identity, "hook": self.suite.dictionaries[n].hook}
                              if n in self.infos else n for n in check.dictionaries],
             "model": repr(self.suite.model),
-            **{k: self.provenance.get(k) for k in ("device", "dtype", "token_set")},
+            "device": str(self.provenance.get("device")).split(":")[0],  # cuda:1 = cuda
+            **{k: self.provenance.get(k) for k in ("dtype", "token_set")},
         }
         text = json.dumps(content, sort_keys=True, default=str)
         return results.short_hash(text)
@@ -541,18 +571,30 @@ class SuiteRun:
         if problem is not None:
             return self._row(check, verdict=problem.verdict, message=problem.message,
                              started_at=started, duration_s=duration())
-        opts = _options(check)
         metric = get_metric(check.metric)
-        summary = summarize(metric, self._terms[self._request_key(check)],
-                            metric_options(check), n_boot=opts["n_boot"],
-                            seed=self._seed(check))
-        verdict, message = judge(check, summary.value, summary.ci_low, summary.ci_high,
-                                 summary.n, summary.verdict, summary.reason)
+        summary = self._summarize(check, metric, self._terms[self._request_key(check)])
+        values = {"value": summary.value, "ci_low": summary.ci_low, "ci_high": summary.ci_high}
+        stat_verdict, reason = summary.verdict, summary.reason
+        if _options(check)["random_baseline"]:
+            random_terms = self._terms[self._random_key(check)]
+            both = {**self._terms[self._request_key(check)],
+                    **{RANDOM + k: v for k, v in random_terms.items()}}
+            margin = self._summarize(check, margin_over_random(metric), both)
+            values.update(random_value=self._summarize(check, metric, random_terms).value,
+                          margin=margin.value, margin_low=margin.ci_low,
+                          margin_high=margin.ci_high)
+            if stat_verdict == "ok" and check.threshold is not None \
+                    and check.threshold.target in MARGIN_TARGETS:
+                stat_verdict, reason = margin.verdict, f"the margin: {margin.reason}"
+        verdict, message = judge(check, values, summary.n, stat_verdict, reason)
         return self._row(
-            check, value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
-            n=summary.n, verdict=verdict, message=message,
+            check, **values, n=summary.n, verdict=verdict, message=message,
             parts=json.dumps(summary.parts, sort_keys=True),
             started_at=started, duration_s=duration())
+
+    def _summarize(self, check: Check, metric: Metric, terms: dict[str, torch.Tensor]):
+        return summarize(metric, terms, metric_options(check), n_boot=_options(check)["n_boot"],
+                         seed=self._seed(check))
 
     def reuse(self, check: Check, row: dict[str, Any]) -> dict[str, Any] | None:
         """A stored row of `check` brought up to date, or None when it must be recomputed:
@@ -562,8 +604,8 @@ class SuiteRun:
             return None
         if row["verdict"] not in ("pass", "fail", "xfail", "xpass"):
             return {**row, "resumed": "reused"}
-        verdict, message = judge(check, row["value"], row["ci_low"], row["ci_high"],
-                                 int(row["n"]), "ok", "")
+        values = {k: row.get(k) for k in ("value", "ci_low", "ci_high", *results.RANDOM_COLUMNS)}
+        verdict, message = judge(check, values, int(row["n"]), "ok", "")
         changed = (verdict, str(check.threshold or "")) != (row["verdict"], row["threshold"])
         return {**row, "verdict": verdict, "message": message,
                 "threshold": str(check.threshold or ""),
@@ -593,18 +635,20 @@ def _feature_edits(key: tuple, options: dict[str, Any]) -> tuple[FeatureEdit, ..
                  for e in options["edits"])
 
 
-def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
-          stat_verdict: str, reason: str) -> tuple[str, str]:
-    """(verdict, message) of a check: pass/fail against its threshold, `unstable` when the
-    statistic's denominator is not usable, `empty` when nothing was measured, `error` when
-    it could not be computed; `expect: fail` turns pass/fail into xpass/xfail only.
+def judge(check: Check, values: Mapping[str, float], n: int, stat_verdict: str,
+          reason: str) -> tuple[str, str]:
+    """(verdict, message) of a check from its `values` (value, ci_low, ci_high and, with a
+    random baseline, random_value and margin*): pass/fail against its threshold, `unstable`
+    when the statistic's denominator is not usable, `empty` when nothing was measured,
+    `error` when it could not be computed; `expect: fail` turns pass/fail into xpass/xfail.
 
-        >>> judge(check, 0.93, 0.92, 0.94, 581, "ok", "")
+        >>> judge(check, {"value": 0.93, "ci_low": 0.92, "ci_high": 0.94}, 581, "ok", "")
         ('pass', 'ce_loss_recovered = 0.93 [0.92, 0.94] (n=581) meets >= 0.9')
     """
-    interval = ("no interval" if math.isnan(ci_low) and math.isnan(ci_high)
-                else f"[{_fmt(ci_low)}, {_fmt(ci_high)}]")
-    shown = f"{check.metric} = {_fmt(value)} {interval} (n={n})"
+    shown = f"{check.metric} = {_shown(values, 'value', 'ci_low', 'ci_high')} (n={n})"
+    if not _missing(values.get("random_value")):
+        shown += (f", random {_fmt(values['random_value'])}, margin "
+                  f"{_shown(values, 'margin', 'margin_low', 'margin_high')}")
     if stat_verdict == "unstable":
         verdict, message = "unstable", f"{shown} is unstable: {reason}"
     elif stat_verdict == "empty":
@@ -614,13 +658,24 @@ def judge(check: Check, value: float, ci_low: float, ci_high: float, n: int,
                                     f"{reason}"
     elif check.threshold is None:
         verdict, message = "pass", f"{shown} (no threshold)"
-    elif check.threshold.passes({"value": value, "ci_low": ci_low, "ci_high": ci_high}):
+    elif check.threshold.passes(values):
         verdict, message = "pass", f"{shown} meets {check.threshold}"
     else:
         verdict, message = "fail", f"{shown} fails {check.threshold}"
     if check.expect == "fail" and verdict in ("pass", "fail"):
         verdict = "xpass" if verdict == "pass" else "xfail"
     return verdict, message
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _shown(values: Mapping[str, float], value: str, low: str, high: str) -> str:
+    """`0.93 [0.92, 0.94]`, or `0.93 no interval`."""
+    lo, hi = values.get(low, math.nan), values.get(high, math.nan)
+    interval = "no interval" if _missing(lo) and _missing(hi) else f"[{_fmt(lo)}, {_fmt(hi)}]"
+    return f"{_fmt(values[value])} {interval}"
 
 
 def _fmt(x: float) -> str:

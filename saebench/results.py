@@ -71,9 +71,13 @@ PROVENANCE_COLUMNS: list[str] = [
     "saebench_version", "saebench_commit", "sae_lens_version", "transformer_lens_version",
     "torch_version", "device", "dtype", "token_set", "seed",
 ]
+RANDOM_COLUMNS: list[str] = ["random_value", "margin", "margin_low", "margin_high"]
+"""With `random_baseline`: the metric for a random-weight dictionary of the same shape, and
+the margin over it (value − random_value, or the reverse when lower is better) with its
+paired 95% interval; empty otherwise."""
 RESULT_COLUMNS: list[str] = [
     "run_id", "suite", "check_id", "model", "dictionary", "hook", "metric", "task", "options",
-    "value", "ci_low", "ci_high", "n", "threshold", "verdict", "message",
+    "value", "ci_low", "ci_high", "n", "threshold", "verdict", "message", *RANDOM_COLUMNS,
     *BASELINE_COLUMNS, *IDENTITY_COLUMNS, *PROVENANCE_COLUMNS,
     "parts", "higher_is_better", "started_at", "duration_s", "fingerprint", "resumed",
 ]
@@ -98,7 +102,8 @@ _COLUMNS_BY_FILE = {
 }
 _FLOAT_COLUMNS = frozenset(
     {"value", "ci_low", "ci_high", "duration_s", "mean_activation", "active_share", "effect",
-     "loss_effect", "baseline_value", "delta", "delta_ci_low", "delta_ci_high", "tolerance"})
+     "loss_effect", "baseline_value", "delta", "delta_ci_low", "delta_ci_high", "tolerance",
+     *RANDOM_COLUMNS})
 _INT_COLUMNS = frozenset({"n", "seed", "prompt_index", "feature", "d_in", "d_sae"})
 _BOOL_COLUMNS = frozenset({"higher_is_better"})
 _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})

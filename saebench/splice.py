@@ -268,6 +268,39 @@ def _weight_dim(obj: Any, attr: str, dim: int) -> int | None:
     return int(weight.shape[dim]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
 
 
+def random_like(dictionary: Dictionary, seed: int) -> Dictionary:
+    """A dictionary of the same shape, hooks and name with random weights: the null model of
+    `random_baseline`. A sae_lens SAE is a fresh one of its config, initialised by sae_lens
+    under `seed`; another module is a copy whose every floating parameter holds its own
+    entries in a random order (same values and scale, no learned structure).
+
+        >>> random_like(dictionary, seed=0).d_sae == dictionary.d_sae
+        True
+    """
+    import copy
+
+    module = dictionary.module
+    if dictionary.kind == "sae_lens":
+        from sae_lens import SAE
+
+        with torch.random.fork_rng(devices=[]):  # drawn on the CPU: the same on any device
+            torch.manual_seed(seed)
+            fresh = SAE.from_dict({**module.cfg.to_dict(), "device": "cpu"})
+        return replace(dictionary, module=fresh.to(next(module.parameters()).device))
+    params = [p for p in getattr(module, "parameters", lambda: [])() if p.is_floating_point()]
+    if not params:
+        raise ValueError(f"dictionary {dictionary.name!r} has no weights to randomise; "
+                         "random_baseline needs an nn.Module dictionary")
+    fresh = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in fresh.parameters():
+            if param.is_floating_point():
+                order = torch.randperm(param.numel(), generator=generator).to(param.device)
+                param.copy_(param.flatten()[order].view_as(param))
+    return replace(dictionary, module=fresh)
+
+
 def as_dictionary(
     obj: Any,
     *,

@@ -137,17 +137,22 @@ class SuiteError(ValueError):
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
 }
-TARGETS = ("value", "ci_low", "ci_high")
+TARGETS = ("value", "ci_low", "ci_high", "margin", "margin_low", "margin_high")
+MARGIN_TARGETS = TARGETS[3:]
+"""Targets measured only with `random_baseline: true`: how much better than a random-weight
+dictionary of the same shape the value is, and that difference's paired interval."""
 _THRESHOLD_RE = re.compile(
     r"^\s*(?:(?P<target>[A-Za-z_]\w*)\s*)?(?P<op>>=|<=|==|>|<)\s*(?P<bound>\S+)\s*$")
 _THRESHOLD_FORMS = ("expected '<op> <number>' (e.g. '>= 0.85') or '<target> <op> <number>' "
                     "(e.g. 'ci_low >= 0.8'), with op one of >=, >, <=, <, == and target one "
-                    "of value, ci_low, ci_high")
+                    "of value, ci_low, ci_high, margin, margin_low, margin_high (the last "
+                    "three need random_baseline: true)")
 
 
 @dataclass(frozen=True)
 class Threshold:
-    """A pass condition on one column of a result row: `value`, `ci_low` or `ci_high`.
+    """A pass condition on one column of a result row: `value`, `ci_low` or `ci_high`, or
+    with a random baseline `margin`, `margin_low` or `margin_high`.
 
         >>> t = parse_threshold("ci_low >= 0.8")
         >>> t.passes({"value": 0.9, "ci_low": 0.85}), str(t)
@@ -398,9 +403,15 @@ OPTIONS: dict[str, Option] = {
                     in_id="value"),
     "baseline": Option("pathological_error's random baseline: isotropic or covariance",
                        _choice("isotropic", "covariance"), "isotropic", in_id="value"),
+    "random_baseline": Option("also measure a random-weight dictionary of the same shape "
+                              "(ratio metrics): random_value and the margin over it",
+                              _bool, False),
 }
 
 
+RANDOM_BASELINE = ("ce_loss_recovered", "kl_div_score")
+"""The metrics that take `random_baseline`: ratios whose terms come from the engine's
+spliced pass, so a random dictionary is one more spliced pass."""
 SPLICE_ONLY = ("positions", "error_term")
 """Options that only a metric measured on a spliced run can take."""
 
@@ -1057,6 +1068,10 @@ class _Parser:
                               "dictionary's reconstruction of every position, without "
                               f"splicing, so {key} does not apply")
             options = {**defaults, **own}
+            if options.get("random_baseline", (False,))[0] and metric not in RANDOM_BASELINE:
+                _, node, where = options["random_baseline"]
+                self.fail(node, where, f"random_baseline applies to the ratio metrics measured "
+                          f"on token data ({', '.join(RANDOM_BASELINE)}), not to {metric}")
             threshold = default_threshold
             if (threshold_node := spec.get("threshold")) is not None:
                 threshold = self.threshold(threshold_node, spec.sub("threshold"))
@@ -1118,6 +1133,11 @@ class _Parser:
         from saebench.metrics.registry import get_metric
 
         spec = get_metric(metric)
+        if threshold.target in MARGIN_TARGETS:
+            if not options.get("random_baseline"):
+                self.fail(node, path, f"'{threshold}' is on the margin over a random-weight "
+                                      "dictionary: set options: {random_baseline: true}")
+            return
         if threshold.target != "value" and not spec.bootstrap:
             on_value = f"{threshold.op} {_number_text(threshold.bound)}"
             self.fail(node, path, f"{metric} has no bootstrap interval (see its description), "

@@ -352,6 +352,8 @@ OPTION_ERRORS: dict[str, tuple[str, str, str]] = {
     "seed beyond 64 bits": ("seed: 100000000000000000000000", "seed",
                             r"100000000000000000000000"),
     "ablation null": ("ablation: null", "ablation", r"zero or mean, got None"),
+    "random_baseline a string": ("random_baseline: 'yes'", "random_baseline",
+                                 r"true or false, got 'yes'"),
 }
 
 # name -> (metric, threshold, message regex): thresholds decided by the metric's range
@@ -366,6 +368,10 @@ THRESHOLD_ERRORS: dict[str, tuple[str, str, str]] = {
     "ci_low on dead_fraction": ("dead_fraction", "ci_low <= 0.5", r"no bootstrap interval.*"
                                 r"put the threshold on its value \('<= 0.5'\)"),
     "ci_high on dead_fraction": ("dead_fraction", "ci_high <= 0.5", r"no bootstrap interval"),
+    "margin without a random baseline": ("ce_loss_recovered", "margin_low >= 0.01",
+                                         r"'margin_low >= 0.01' is on the margin over a "
+                                         r"random-weight dictionary: set options: "
+                                         r"\{random_baseline: true\}"),
 }
 
 def _tokens(name: str) -> Callable[[Path], None]:
@@ -444,6 +450,11 @@ def _collection_files(root: Path) -> dict[str, tuple[str, int, str, str]]:
     for name, (metric, threshold, message) in THRESHOLD_ERRORS.items():
         text = _check(f'{{metric: {metric}, dictionaries: [good], threshold: "{threshold}"}}')
         cases[name] = (text, line_of(text, "- {metric"), "checks[0].threshold", message)
+    text = _options("random_baseline: true", metric="l0", threshold="<= 100")
+    cases["random_baseline on l0"] = (
+        text, line_of(text, "- {metric"), "checks[0].options.random_baseline",
+        r"random_baseline applies to the ratio metrics measured on token data "
+        r"\(ce_loss_recovered, kl_div_score\), not to l0")
     text = HEAD.replace("{n_boot: 50}}", '{n_boot: 50}, threshold: ">= 0"}') + GOOD + \
         "checks:\n  - metric: l0\n    dictionaries: [good]\n"
     cases["impossible default threshold"] = (text, line_of(text, "- metric"),
@@ -463,7 +474,7 @@ def _collection_files(root: Path) -> dict[str, tuple[str, int, str, str]]:
 
 
 COLLECTION_CASES = [*SUITE_ERRORS, *OPTION_ERRORS, *THRESHOLD_ERRORS,
-                    "impossible default threshold", *TOKEN_ERRORS]
+                    "random_baseline on l0", "impossible default threshold", *TOKEN_ERRORS]
 
 
 # ---------------------------------------------------------------------------- one suite,

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from saebench import loading
+from saebench.api import evaluate
 from saebench.checks import RunSettings, SuiteRun
+from saebench.splice import random_like
 from saebench.suite import load_suite
 
 TOY = Path(__file__).resolve().parents[1] / "suites" / "toy.yaml"
@@ -145,3 +147,41 @@ def test_hooks_on_a_path_entry_and_a_factory_beside_the_suite(tmp_path):
     assert rows["given"]["verdict"] == "pass" and rows["given"]["hook"] == "blocks.2.hook_resid_pre"
     assert rows["local"]["verdict"] == "pass"
     assert rows["missing"]["verdict"] == "error" and "hook" in rows["missing"]["message"]
+
+
+RANDOM_SUITE = """\
+model: zoo
+data: {source: zoo, n_tokens: 2048}
+dictionaries: {good: {zoo: resid-L2-topk16}, tc: {zoo: transcoder-L3}}
+defaults: {options: {n_boot: 200, seed: 7}}
+checks:
+  - metric: ce_loss_recovered
+    dictionaries: [good, tc]
+    options: {random_baseline: true}
+    threshold: "margin_low >= 0.01"
+  - metric: kl_div_score
+    dictionaries: [good]
+    options: {ablation: mean, random_baseline: true, error_term: true}
+"""
+
+
+def test_random_baseline_is_the_metric_of_a_random_dictionary_of_the_same_shape(tmp_path):
+    """random_value is what `evaluate` gives for `random_like(dictionary, seed)` on its own,
+    and the margin is value − random_value with a paired interval around it."""
+    (tmp_path / "s.yaml").write_text(RANDOM_SUITE)
+    run = SuiteRun(load_suite(tmp_path / "s.yaml"), RunSettings(device="cpu"))
+    run.prepare()
+    checks = {c.id: c for c in run.suite.checks}
+    run.compute(checks.values())
+    for name in ("good", "tc"):
+        row = run.result(checks[f"{name}::ce_loss_recovered"])
+        random = random_like(run._dictionaries[name], seed=7)
+        alone = evaluate(run.model, {"r": random.module}, run.tokens, ["ce_loss_recovered"],
+                         n_boot=0, progress=False, batch_size=16)
+        assert row["random_value"] == pytest.approx(alone["value"].item(), rel=1e-9)
+        assert row["margin"] == pytest.approx(row["value"] - row["random_value"], abs=1e-12)
+        assert row["margin_low"] <= row["margin"] <= row["margin_high"]
+        assert row["verdict"] == "pass" and "random" in row["message"]
+    spliced_back = run.result(checks["good::kl_div_score[mean,error_term=true]"])
+    assert spliced_back["value"] == spliced_back["random_value"] == 1.0
+    assert spliced_back["margin"] == 0.0

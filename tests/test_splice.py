@@ -29,6 +29,7 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from saebench import loading
 from saebench.splice import (
     Dictionary,
     FeatureEdit,
@@ -36,6 +37,7 @@ from saebench.splice import (
     as_dictionary,
     hook_layer,
     position_mask,
+    random_like,
     splice_hooks,
 )
 
@@ -561,3 +563,37 @@ def test_dictionary_is_a_frozen_value():
     assert isinstance(d, Dictionary) and as_dictionary(d) is not None
     with pytest.raises(AttributeError):
         d.name = "other"
+
+
+def test_random_like_keeps_shape_and_hooks_and_draws_new_weights_per_seed():
+    real = as_dictionary(loading.load_zoo_dictionary("resid-L2-topk16"), name="d")
+    first, again, other = (random_like(real, seed) for seed in (0, 0, 1))
+    assert type(first.module) is type(real.module)
+    assert (first.name, first.read_hook, first.write_hook, first.d_in, first.d_sae) == \
+        (real.name, real.read_hook, real.write_hook, real.d_in, real.d_sae)
+    assert first.module.cfg.k == real.module.cfg.k
+    assert torch.equal(first.module.W_dec, again.module.W_dec)
+    assert not torch.equal(first.module.W_dec, other.module.W_dec)
+    assert not torch.allclose(first.module.W_dec, real.module.W_dec)
+
+
+def test_random_like_of_a_plain_module_permutes_each_weight():
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = torch.nn.Parameter(torch.randn(8, 32))
+            self.dec = torch.nn.Parameter(torch.randn(32, 8))
+
+        def encode(self, x):
+            return torch.relu(x @ self.enc)
+
+        def decode(self, f):
+            return f @ self.dec
+
+    real = as_dictionary(Plain(), name="p", hook="blocks.0.hook_resid_pre", d_sae=32)
+    random = random_like(real, seed=3)
+    for mine, theirs in zip(real.module.parameters(), random.module.parameters(), strict=True):
+        assert mine.shape == theirs.shape and not torch.equal(mine, theirs)
+        assert torch.equal(mine.flatten().sort().values, theirs.flatten().sort().values)
+    with pytest.raises(ValueError, match="no weights to randomise"):
+        random_like(as_dictionary(lambda x: x, name="f", hook="blocks.0.hook_resid_pre"), 0)

@@ -150,6 +150,41 @@ def get_metric(name: str) -> Metric:
                        f"{', '.join(METRICS)}") from None
 
 
+RANDOM = "random:"
+"""Prefix of the terms measured with a random-weight dictionary in place of the real one."""
+
+
+def randomised(terms: Terms) -> dict[str, Tensor]:
+    """The random dictionary's terms under their own names (`random:ce_spliced` ->
+    `ce_spliced`): what a metric reads to give the random dictionary's value."""
+    return {k.removeprefix(RANDOM): v for k, v in terms.items() if k.startswith(RANDOM)}
+
+
+def margin_over_random(metric: Metric) -> Metric:
+    """The metric's margin over a random dictionary of the same shape: value − random value
+    (random − value when lower is better), from both sets of terms, so that a paired
+    bootstrap over sequences gives its interval.
+
+        >>> m = margin_over_random(get_metric("ce_loss_recovered"))
+        >>> m.terms({})
+        ('n_pred', 'ce_clean', 'ce_spliced', 'ce_zero', 'random:n_pred', ...)
+    """
+    sign = 1.0 if metric.higher_is_better else -1.0
+
+    def terms(o: Options) -> tuple[str, ...]:
+        own = metric.terms(o)
+        return (*own, *(RANDOM + t for t in own))
+
+    def aggregate(s: Terms, o: Options) -> Tensor:
+        return sign * (metric.aggregate(s, o) - metric.aggregate(randomised(s), o))
+
+    return Metric(name=f"{metric.name} margin", terms=terms, aggregate=aggregate,
+                  higher_is_better=True, description=f"{metric.name} − its random baseline",
+                  kind=metric.kind, denominator=metric.denominator,
+                  denominator_name=metric.denominator_name, count=metric.count,
+                  needs_splice=metric.needs_splice)
+
+
 def parts(metric: Metric, summed_terms: Terms, options: Options) -> dict[str, float]:
     """The raw quantities behind a value (e.g. CE clean/spliced/ablated per token), as floats.
 
