@@ -46,6 +46,9 @@ from saebench.suite import (
     validate_task,
 )
 
+CLEAN_PASS_BUDGET = 2 << 30
+"""Bytes of clean activations and log-probs a suite run may keep to run the clean model
+once for all its groups (the toy suite needs about 0.7 GB); above it, each group runs it."""
 MESSAGE_LIMIT = 600
 """A message in a result row or a failure is cut to about this many characters."""
 
@@ -173,14 +176,14 @@ class SuiteRun:
         self._terms: dict[tuple, dict[str, torch.Tensor]] = {}
         self._task_rows: dict[tuple, tuple[list[dict], list[dict]]] = {}
         self._compute_s: dict[str, float] = {}
-        self._moments: dict[tuple[str, str], torch.Tensor] = {}
+        self._memo = engine.RunMemo()
 
     def fresh(self) -> SuiteRun:
         """A run over the same prepared objects that has computed nothing yet: what a check
         computed on its own sees (a test compares it with the whole suite's run)."""
         run = copy.copy(self)
         run._terms, run._task_rows, run._problems = {}, {}, dict(self._problems)
-        run._compute_s, run._moments = {}, {}
+        run._compute_s, run._memo = {}, engine.RunMemo(hooks=self._memo.hooks)
         return run
 
     # -- collection ------------------------------------------------------------------
@@ -213,6 +216,22 @@ class SuiteRun:
             self._prepare_dictionary(name, spec, device)
         for check in suite.checks:
             self._prepare_check(check)
+        self._memo = engine.RunMemo(hooks=self._kept_hooks())
+
+    def _kept_hooks(self) -> frozenset[str]:
+        """The hooks whose clean activations are kept across the engine runs of the suite's
+        groups (with the clean log-probs), so the clean model runs once per batch size; none
+        when they would take more than `CLEAN_PASS_BUDGET` bytes."""
+        widths: dict[str, int] = {}
+        for info in self.infos.values():
+            for hook, width in ((info.read_hook, info.d_in), (info.write_hook, info.d_out)):
+                if hook is None or width is None:
+                    return frozenset()
+                widths[hook] = width
+                if hook.startswith("blocks."):
+                    widths[f"blocks.{hook.split('.')[1]}.hook_resid_pre"] = self.model.cfg.d_model
+        size = engine.clean_pass_bytes(self.model, self.tokens.numel(), widths.values())
+        return frozenset(widths) if widths and size <= CLEAN_PASS_BUDGET else frozenset()
 
     def _load_model(self, device: torch.device, dtype: torch.dtype | None) -> Any:
         suite = self.suite
@@ -422,7 +441,7 @@ class SuiteRun:
         if task is None:
             requests = [self._request(i, key, group) for i, (key, group) in
                         enumerate(groups.items())]
-            terms = engine.run(self.model, self.tokens, requests, options, self._moments)
+            terms = engine.run(self.model, self.tokens, requests, options, self._memo)
         else:
             requests = [self._task_request(i, key, group) for i, (key, group) in
                         enumerate(groups.items())]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -101,6 +101,27 @@ class Request:
     def start_layer(self) -> int | None:
         """The layer a spliced pass can start at; None when a hook sits before the blocks."""
         return _start_layer(h for d in self.dictionaries for h in (d.read_hook, d.write_hook))
+
+
+@dataclass
+class RunMemo:
+    """What engine runs over the same tokens share, so that runs done one dictionary at a
+    time (the plugin's streaming) compute it once: activation means and covariances by
+    ("mean" | "cov", hook), and, when `hooks` is given, every batch's clean pass (the
+    activations at `hooks` and the clean log-probs), held in memory. A run whose hooks are
+    not all among `hooks` makes its own clean pass. Size it with `clean_pass_bytes`."""
+
+    hooks: frozenset[str] = frozenset()
+    moments: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    passes: dict[tuple, tuple] = field(default_factory=dict)
+
+
+def clean_pass_bytes(model: HookedTransformer, n_tokens: int, widths: Iterable[int]) -> int:
+    """Memory that `RunMemo` needs to keep the clean passes of `n_tokens` tokens with hooks
+    of these widths: activations in the model's dtype, log-probs in float32 or wider."""
+    dtype = next(model.parameters()).dtype
+    act = torch.finfo(dtype).bits // 8
+    return n_tokens * (sum(widths) * act + model.cfg.d_vocab * max(act, 4))
 
 
 def _start_layer(hooks: Iterable[str]) -> int | None:
@@ -295,13 +316,12 @@ def run(
     tokens: torch.Tensor | Iterable[torch.Tensor],
     requests: Sequence[Request],
     options: EngineOptions | None = None,
-    moments: dict[tuple[str, str], Tensor] | None = None,
+    memo: RunMemo | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Evaluate every request over `tokens` ([n, seq] or an iterable of batches).
 
-    `moments`, when given, holds the activation means and covariances of earlier runs over
-    the same tokens, by ("mean" | "cov", hook): they are read from it, and the run adds the
-    ones it computes, so runs done one dictionary at a time compute each once.
+    `memo`, when given, holds what earlier runs over the same tokens computed (see
+    `RunMemo`): the run reads it and adds what it computes.
 
     Returns `{request.key: {term: per-sequence tensor}}` (float64, on the CPU).
     """
@@ -318,8 +338,8 @@ def run(
     mean_hooks = sorted({h for hooks, kind in ablation_sets if kind == "mean" for h in hooks})
     cov_hooks = sorted({r.write_hooks[0] for r in requests if r.pathological_draws
                         and "covariance" in r.pathological_baselines})
-    means, covs = _kept_moments(model, tokens, mean_hooks, cov_hooks, options,
-                                {} if moments is None else moments)
+    memo = memo if memo is not None else RunMemo()
+    means, covs = _kept_moments(model, tokens, mean_hooks, cov_hooks, options, memo.moments)
     factors = {hook: covariance_factor(cov).float() for hook, cov in covs.items()}
 
     logs = {r.key: _TermLog() for r in requests}
@@ -331,6 +351,9 @@ def run(
     cache_hooks = sorted({f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
                          | {h for r in requests for d in r.dictionaries
                             for h in (d.read_hook, d.write_hook)})
+    keep = isinstance(tokens, Tensor) and bool(memo.hooks) and set(cache_hooks) <= memo.hooks
+    if keep:
+        cache_hooks, needs_logits = sorted(memo.hooks), True
     stop = None if needs_logits else min(
         model.cfg.n_layers, max(hook_layer(h) for h in cache_hooks) + 1)
 
@@ -340,11 +363,17 @@ def run(
     for batch in _batches(tokens, options.batch_size):
         batch = batch.to(device)
         act_mask = ~torch.isin(batch, special)
-        logits, cache = model.run_with_cache(batch, names_filter=cache_hooks, stop_at_layer=stop)
-        clean = None
-        if needs_logits:
-            clean = _Clean(logits, batch, act_mask)
+        kept = (options.batch_size, first_row, tuple(options.special_token_ids))
+        if keep and kept in memo.passes:
+            cache, clean = memo.passes[kept]
+        else:
+            logits, cache = model.run_with_cache(batch, names_filter=cache_hooks,
+                                                 stop_at_layer=stop)
+            clean = _Clean(logits, batch, act_mask) if needs_logits else None
             del logits  # the clean log-probs are all the variants need
+            if keep:
+                memo.passes[kept] = (cache, clean)
+        if needs_logits:
             for hooks, kind in ablation_sets:
                 abl_logits = _ablated_logits(model, cache, batch, hooks, kind, means,
                                              token_independent)

@@ -13,12 +13,13 @@ import pytest
 from saebench import loading
 from saebench.api import evaluate
 from saebench.checks import RunSettings, SuiteRun
+from saebench.results import RANDOM_COLUMNS
 from saebench.splice import random_like
 from saebench.suite import load_suite
 
 TOY = Path(__file__).resolve().parents[1] / "suites" / "toy.yaml"
 SAME = ("value", "ci_low", "ci_high", "n", "verdict", "message", "parts", "options", "seed",
-        "fingerprint")
+        "fingerprint", *RANDOM_COLUMNS)
 
 
 def _same(a, b) -> bool:
@@ -52,7 +53,7 @@ def test_every_toy_check_gives_the_same_row_alone_and_in_the_suite(toy_run):
         differ += [f"{check.id}.{k}: {alone[k]!r} alone, {shared[k]!r} in the suite"
                    for k in SAME if not _same(alone[k], shared[k])]
     assert not differ, "\n".join(differ[:20])
-    assert len(toy_run.suite.checks) == 199
+    assert len(toy_run.suite.checks) == 211
 
 
 MIXED = """\
@@ -174,7 +175,7 @@ def test_random_baseline_is_the_metric_of_a_random_dictionary_of_the_same_shape(
     checks = {c.id: c for c in run.suite.checks}
     run.compute(checks.values())
     for name in ("good", "tc"):
-        row = run.result(checks[f"{name}::ce_loss_recovered"])
+        row = run.result(checks[f"{name}::ce_loss_recovered[random_baseline=true]"])
         random = random_like(run._dictionaries[name], seed=7)
         alone = evaluate(run.model, {"r": random.module}, run.tokens, ["ce_loss_recovered"],
                          n_boot=0, progress=False, batch_size=16)
@@ -182,6 +183,7 @@ def test_random_baseline_is_the_metric_of_a_random_dictionary_of_the_same_shape(
         assert row["margin"] == pytest.approx(row["value"] - row["random_value"], abs=1e-12)
         assert row["margin_low"] <= row["margin"] <= row["margin_high"]
         assert row["verdict"] == "pass" and "random" in row["message"]
-    spliced_back = run.result(checks["good::kl_div_score[mean,error_term=true]"])
+    spliced_back = run.result(checks["good::kl_div_score[mean,error_term=true,"
+                                     "random_baseline=true]"])
     assert spliced_back["value"] == spliced_back["random_value"] == 1.0
     assert spliced_back["margin"] == 0.0

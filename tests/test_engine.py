@@ -209,3 +209,31 @@ def test_evaluate_refuses_task_metrics_with_a_pointer_to_run_task():
                                          "prompts.*run_task"):
         run_metrics(model, {"id": wrap(Identity(), model, "blocks.0.hook_resid_pre")},
                     tokens_for(model, 2, 0), metrics=["l0", "logit_diff_recovered"])
+
+
+def test_a_memo_runs_the_clean_model_once_and_changes_no_term(monkeypatch):
+    """Runs one dictionary at a time sharing a `RunMemo` give the terms of separate runs, and
+    only the first runs the clean model; a run whose hooks the memo lacks runs its own."""
+    model = tiny_model(seed=1)
+    tokens = tokens_for(model, 6, 1)
+    hooks = ("blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out")
+    requests = [engine.Request(key=h, dictionaries=(wrap(Scaled(), model, h),),
+                               ablations=("zero", "mean")) for h in hooks]
+    options = engine.EngineOptions(batch_size=4, progress=False)
+    alone = [engine.run(model, tokens, [r], options) for r in requests]
+    clean_passes = []
+    real = model.run_with_cache
+    monkeypatch.setattr(model, "run_with_cache",
+                        lambda *a, **k: clean_passes.append(1) or real(*a, **k))
+    memo = engine.RunMemo(hooks=frozenset({*hooks, "blocks.1.hook_resid_pre"}))
+    for request, expected in zip(requests, alone, strict=True):
+        shared = engine.run(model, tokens, [request], options, memo)
+        for name, term in expected[request.key].items():
+            assert torch.equal(shared[request.key][name], term), name
+    batches = 2
+    moments = batches * 2  # the mean pre-pass of each hook, once each
+    assert len(clean_passes) == batches + moments
+    other = engine.Request(key="other", dictionaries=(wrap(Scaled(), model,
+                                                           "blocks.1.hook_resid_post"),))
+    engine.run(model, tokens, [other], options, memo)
+    assert len(clean_passes) == 2 * batches + moments

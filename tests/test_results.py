@@ -139,7 +139,8 @@ _bool = st.one_of(st.none(), st.booleans())
 
 def _column(name: str) -> st.SearchStrategy:
     if name in ("value", "ci_low", "ci_high", "duration_s", "baseline_value", "delta",
-                "delta_ci_low", "delta_ci_high", "tolerance"):
+                "delta_ci_low", "delta_ci_high", "tolerance", "random_value", "margin",
+                "margin_low", "margin_high"):
         return _float
     if name in ("n", "seed", "d_in", "d_sae"):
         return _int
