@@ -48,7 +48,7 @@ from saebench.suite import (
 
 CLEAN_PASS_BUDGET = 2 << 30
 """Bytes of clean activations and log-probs a suite run may keep to run the clean model
-once for all its groups (the toy suite needs about 0.7 GB); above it, each group runs it."""
+once for all its groups (the toy suite needs about 0.5 GB); above it, each group runs it."""
 MESSAGE_LIMIT = 600
 """A message in a result row or a failure is cut to about this many characters."""
 
