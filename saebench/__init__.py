@@ -3,6 +3,9 @@
     >>> from saebench import evaluate, loading
     >>> df = evaluate(loading.load_zoo_model(), loading.load_zoo_dictionary("resid-L2-topk16"),
     ...               loading.load_heldout_tokens()[:64])
+
+PYTEST_DONT_REWRITE: saebench's asserts are not tests, and `saebench run` imports the
+package before pytest loads its plugin (which would otherwise warn that it cannot rewrite).
 """
 
 from __future__ import annotations
