@@ -21,36 +21,31 @@ path and line are known, else a ValueError; both name the offending file.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib
 import itertools
 import json
 import pickle
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import datasets
 import httpx
 import torch
-from sae_lens import SAE, TrainingSAE
 from sae_lens.loading.pretrained_saes_directory import (
     PretrainedSAELookup,
     get_pretrained_saes_directory,
 )
-from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.tokenization_and_batching import concat_and_batch_sequences
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saebench import loading, splice
+from saebench.dictionaries import DictionaryInfo
 from saebench.suite import DataSpec, DictionarySpec, ModelSpec, SuiteError, TaskSpec
 from saebench.zoo import paths
 from saebench.zoo.model import load_model
@@ -82,21 +77,21 @@ class HubUnavailable(RuntimeError):
 
 # ---------------------------------------------------------------------------- helpers
 
-def _where(suite_path: Path | None, line: int, field: str) -> str:
+def where_of(suite_path: Path | None, line: int, field: str) -> str:
     """`suite.yaml:12: field`, `suite.yaml: field` or `field`, as much as is known."""
     if suite_path is None:
         return field
     return f"{suite_path}:{line}: {field}" if line else f"{suite_path}: {field}"
 
 
-def _error(suite_path: Path | None, line: int, field: str, message: str) -> ValueError:
+def error_at(suite_path: Path | None, line: int, field: str, message: str) -> ValueError:
     """A SuiteError at the entry when its line is known, else a located ValueError."""
     if suite_path is not None and line:
         return SuiteError(str(suite_path), line, field, message)
-    return ValueError(f"{_where(suite_path, line, field)}: {message}")
+    return ValueError(f"{where_of(suite_path, line, field)}: {message}")
 
 
-def _local(path: str, suite_path: Path | None) -> Path:
+def local_path(path: str, suite_path: Path | None) -> Path:
     """`path`, relative to the suite file's directory when it is relative."""
     resolved = Path(path).expanduser()
     if not resolved.is_absolute() and suite_path is not None:
@@ -104,7 +99,7 @@ def _local(path: str, suite_path: Path | None) -> Path:
     return resolved
 
 
-def _first_line(err: BaseException, limit: int = 160) -> str:
+def first_line(err: BaseException, limit: int = 160) -> str:
     """`ErrorType: first line of its message`, cut to about `limit` characters."""
     text = str(err).strip().splitlines()
     line = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
@@ -112,7 +107,7 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
 
 
 @contextmanager
-def _hub(where: str, what: str) -> Iterator[None]:
+def hub_access(where: str, what: str) -> Iterator[None]:
     """Turn a failed download inside the block into HubUnavailable naming `where` and `what`."""
     try:
         yield
@@ -120,10 +115,10 @@ def _hub(where: str, what: str) -> Iterator[None]:
         if isinstance(err, ValueError) and "offline" not in str(err).lower():
             raise
         raise HubUnavailable(f"{where}: could not download {what} from the Hugging Face Hub "
-                             f"({_first_line(err)}); {_HUB_HINT}") from err
+                             f"({first_line(err)}); {_HUB_HINT}") from err
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
     """`; close matches: a, b` for the choices close to `word`, or nothing."""
     close = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.6)
     return f"; close matches: {', '.join(close)}" if close else ""
@@ -131,7 +126,7 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
 
 # ---------------------------------------------------------------------------- releases
 
-def _release_lookup(release: str, sae_id: str) -> PretrainedSAELookup | None:
+def release_lookup(release: str, sae_id: str) -> PretrainedSAELookup | None:
     """The sae_lens pretrained-directory entry for `release`, checked to hold `sae_id`.
 
     None for a release that is a Hugging Face repo id (`owner/name`) outside the directory,
@@ -142,12 +137,12 @@ def _release_lookup(release: str, sae_id: str) -> PretrainedSAELookup | None:
     if lookup is None:
         if "/" in release:
             return None
-        raise ValueError(f"unknown sae_lens release {release!r}{_suggest(release, directory)} "
+        raise ValueError(f"unknown sae_lens release {release!r}{suggest(release, directory)} "
                          f"(sae_lens knows {len(directory)} releases; a Hugging Face repo id "
                          "such as 'owner/name' is also accepted)")
     if sae_id not in lookup.saes_map:
         ids = list(lookup.saes_map)
-        hint = _suggest(sae_id, ids) or f"; first ids: {', '.join(ids[:5])}"
+        hint = suggest(sae_id, ids) or f"; first ids: {', '.join(ids[:5])}"
         raise ValueError(f"release {release!r} has no sae_id {sae_id!r}{hint} "
                          f"({len(ids)} ids in all)")
     return lookup
@@ -164,7 +159,7 @@ def model_kwargs_for_release(release: str, sae_id: str) -> dict:
         >>> model_kwargs_for_release("gpt2-small-res-jb", "blocks.0.hook_resid_pre")
         {'center_writing_weights': True}
     """
-    lookup = _release_lookup(release, sae_id)
+    lookup = release_lookup(release, sae_id)
     overrides = (lookup.config_overrides if lookup is not None else None) or {}
     return dict(overrides.get("model_from_pretrained_kwargs") or {})
 
@@ -212,24 +207,24 @@ def resolve_model(
       any download. Kwargs in `_PROCESSING` (all off by default) choose TransformerLens'
       weight processing; the others go to its config.
     """
-    where = _where(suite_path, spec.line, "model")
+    where = where_of(suite_path, spec.line, "model")
     if spec.kind == "zoo":
         return loading.load_zoo_model(device, dtype)
     if spec.kind == "path":
-        return _load_model_dir(_local(spec.path or "", suite_path), spec.kwargs, device, dtype,
+        return _load_model_dir(local_path(spec.path or "", suite_path), spec.kwargs, device, dtype,
                                where)
     if spec.kind != "transformer_lens" or not spec.name:
         raise ValueError(f"{where}: unknown model kind {spec.kind!r} (or no name)")
     aliases = tl_loading.make_model_alias_map()
     if spec.name.lower() not in aliases:
         raise ValueError(f"{where}: {spec.name!r} is not a TransformerLens model name"
-                         f"{_suggest(spec.name, aliases)}; for a local "
+                         f"{suggest(spec.name, aliases)}; for a local "
                          "checkpoint use model: {path: dir}")
     try:
         kwargs = {**_release_model_kwargs(dictionaries), **spec.kwargs}
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    with _hub(where, f"TransformerLens model {spec.name!r}"):
+    with hub_access(where, f"TransformerLens model {spec.name!r}"):
         model = HookedTransformer.from_pretrained_no_processing(
             spec.name, device=str(device), dtype=dtype, **kwargs)
     return model.eval()
@@ -250,7 +245,7 @@ def _load_model_dir(directory: Path, kwargs: dict, device: str | torch.device,
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{where}: {config_file}: cannot read the model config "
-                         f"({_first_line(err)}); expected a zoo, a TransformerLens config "
+                         f"({first_line(err)}); expected a zoo, a TransformerLens config "
                          "directory or a Hugging Face checkpoint") from None
     hf_checkpoint = "architectures" in config or "model_type" in config
     if kwargs and not hf_checkpoint:
@@ -265,7 +260,7 @@ def _load_model_dir(directory: Path, kwargs: dict, device: str | torch.device,
         return load_model(directory, load_tokenizer(tokenizer_dir), device, dtype).eval()
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
         raise ValueError(f"{where}: {directory}: cannot load the model "
-                         f"({_first_line(err)})") from err
+                         f"({first_line(err)})") from err
 
 
 def _load_hf_checkpoint(directory: Path, kwargs: dict, device: str | torch.device,
@@ -315,7 +310,7 @@ def resolve_tokens(spec: DataSpec, model: HookedTransformer, *,
     field = _DATA_FIELDS.get(spec.kind, "data")
 
     def fail(message: str) -> ValueError:
-        return _error(suite_path, spec.line, field, message)
+        return error_at(suite_path, spec.line, field, message)
 
     n_ctx = int(model.cfg.n_ctx)
     if spec.context is not None and spec.context > n_ctx:
@@ -324,10 +319,10 @@ def resolve_tokens(spec: DataSpec, model: HookedTransformer, *,
         tokens = _rows(loading.load_heldout_tokens(), spec, "the zoo's held-out tokens", fail)
         return _check_vocab(tokens, model, "the zoo's held-out tokens", fail)
     if spec.kind == "hf":
-        return _hf_tokens(spec, model, _where(suite_path, spec.line, field), fail)
+        return _hf_tokens(spec, model, where_of(suite_path, spec.line, field), fail)
     if spec.kind != "path" or not spec.path:
         raise fail(f"unknown data kind {spec.kind!r} (or no path)")
-    path = _local(spec.path, suite_path)
+    path = local_path(spec.path, suite_path)
     if not path.is_file():
         raise fail(f"{path}: token file not found")
     if path.suffix in _TEXT_SUFFIXES:
@@ -364,7 +359,7 @@ def _read_token_file(path: Path, fail: _Fail) -> torch.Tensor:
             content = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, SafetensorError, EOFError,
             pickle.UnpicklingError) as err:
-        raise fail(f"{path}: cannot read token ids ({_first_line(err)}); only tensors are "
+        raise fail(f"{path}: cannot read token ids ({first_line(err)}); only tensors are "
                    "loaded from .pt files (weights_only)") from None
     if isinstance(content, dict):
         if "tokens" not in content:
@@ -454,12 +449,12 @@ def _hf_tokens(spec: DataSpec, model: HookedTransformer, where: str, fail: _Fail
                    "many tokens are packed)")
     column, split = spec.column or "text", spec.split or "train"
     what = f"dataset {spec.hf!r} (split {split!r})"
-    with _hub(where, what):
+    with hub_access(where, what):
         rows = iter(datasets.load_dataset(spec.hf, split=split, streaming=True))
 
     def documents() -> Iterator[str]:
         while True:
-            with _hub(where, what):
+            with hub_access(where, what):
                 row = next(rows, None)
             if row is None:
                 return
@@ -475,260 +470,22 @@ def _hf_tokens(spec: DataSpec, model: HookedTransformer, where: str, fail: _Fail
 
 def resolve_dictionary(spec: DictionarySpec, *, device: str | torch.device,
                        suite_path: Path | None = None, allow_factory: bool = False) -> Any:
-    """The object a dictionary entry names, unadapted (see `adapt`).
+    """The object a dictionary entry names, unadapted (see `adapt`), loaded by its format
+    (`saebench.dictionaries`): `zoo`, `path` (a sae_lens directory, training saves
+    converted), `release` (sae_lens' hub, names checked offline first, then HubUnavailable),
+    `factory` (refused unless `allow_factory`: it runs code the suite names)."""
+    from saebench.dictionaries import get_format
 
-    - `zoo`: `loading.load_zoo_dictionary(ref, device)`.
-    - `path`: a sae_lens directory (`cfg.json` + `sae_weights.safetensors`, as written by
-      `save_model`), `SAE.load_from_disk`; one a training SAE wrote (e.g. BatchTopK) is
-      loaded with its training class and converted to its inference SAE as sae_lens
-      converts it (`_load_sae_lens_dir`).
-    - `release`: `SAE.from_pretrained(release, sae_id, device)`; names are checked offline
-      against sae_lens' pretrained directory first (ValueError with close matches), then
-      the download may raise HubUnavailable.
-    - `factory`: `"package.module:callable"` imported and called with `args`; this runs
-      code named by the suite, so it is refused unless `allow_factory`.
-    """
-    field = f"dictionaries.{spec.name}"
-    where = _where(suite_path, spec.line, field)
-    if spec.kind == "zoo":
-        return loading.load_zoo_dictionary(spec.ref, device)
-    if spec.kind == "path":
-        directory = _local(spec.ref, suite_path)
-        try:
-            return _load_sae_lens_dir(directory, str(device))
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise _error(suite_path, spec.line, field,
-                         f"{directory}: cannot load a sae_lens dictionary ({_first_line(err)}); "
-                         "expected cfg.json + sae_weights.safetensors as SAE.save_model "
-                         "writes them") from err
-    if spec.kind == "release":
-        release, sae_id = spec.release or spec.ref, spec.sae_id or ""
-        try:
-            _release_lookup(release, sae_id)
-        except ValueError as err:
-            raise _error(suite_path, spec.line, field, str(err)) from None
-        with _hub(where, f"SAE {sae_id!r} of release {release!r}"):
-            return SAE.from_pretrained(release, sae_id, device=str(device))
-    if spec.kind == "factory":
-        return _call_factory(spec, allow_factory, suite_path, field)
-    raise _error(suite_path, spec.line, field, f"unknown dictionary kind {spec.kind!r}")
-
-
-@dataclass(frozen=True)
-class DictionaryInfo:
-    """What a dictionary entry's files say before its weights are loaded.
-
-    Hooks and widths are None where the format does not say without loading (releases,
-    factories); `identity` names exactly which dictionary this is (its source and a hash
-    of its files), so a stored result can be matched to it.
-    """
-
-    read_hook: str | None
-    write_hook: str | None
-    d_in: int | None
-    d_out: int | None
-    d_sae: int | None
-    identity: dict[str, str]
-    architecture: str | None = None
-
-
-WEIGHTS_FILE = "sae_weights.safetensors"
-_IDENTITY_FILES = ("cfg.json", WEIGHTS_FILE)
-
-
-def _sha256(paths: Iterable[Path]) -> str:
-    """A short sha256 over the bytes of `paths`, streamed."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return get_format(spec.kind).load(spec, device, suite_path, allow_factory)
 
 
 def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) -> DictionaryInfo:
-    """Read a dictionary entry's configuration without loading its weights, and check it.
+    """Read a dictionary entry's configuration without loading its weights, and check it
+    (for a sae_lens directory: its config by sae_lens' own class, the safetensors header
+    against it). Problems raise a located error at the entry."""
+    from saebench.dictionaries import get_format
 
-    `zoo` and `path` entries are sae_lens directories: `cfg.json` is parsed by sae_lens'
-    own config class for its architecture, and the header of `sae_weights.safetensors` is
-    checked to hold W_enc / W_dec of the configured shapes (a truncated or pickled file is
-    refused here). Problems raise a located error at the entry.
-    """
-    field = f"dictionaries.{spec.name}"
-    if spec.kind == "release":
-        return DictionaryInfo(None, spec.hook, None, None, None,
-                              {"source": f"{spec.release}:{spec.sae_id}"})
-    if spec.kind == "factory":
-        args = json.dumps(spec.args, sort_keys=True, default=str)
-        return DictionaryInfo(spec.hook, spec.hook_out or spec.hook, None, None, None,
-                              {"source": f"factory:{spec.ref} {args}"})
-    directory = (loading.zoo_dir() / paths.dictionary_dir(spec.ref) if spec.kind == "zoo"
-                 else _local(spec.ref, suite_path))
-    try:
-        info = _probe_sae_lens_dir(directory)
-    except ValueError as err:
-        raise _error(suite_path, spec.line, field, str(err)) from None
-    source = f"zoo:{spec.ref}" if spec.kind == "zoo" else f"path:{directory}"
-    identity = {"source": source,
-                "sha256": _sha256(directory / name for name in _IDENTITY_FILES)}
-    read = spec.hook or info["read"]
-    write = spec.hook_out or (info["write"] if info["write"] != info["read"] else read)
-    return DictionaryInfo(read, write, info["d_in"], info["d_out"], info["d_sae"], identity,
-                          info["architecture"])
-
-
-def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
-    """Hooks and widths from a sae_lens directory's config, its weights header checked; a
-    training SAE's config is read by its training class and reported under the architecture
-    it loads as (batchtopk as jumprelu)."""
-    from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
-
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory")
-    cfg_file, weights = directory / "cfg.json", directory / WEIGHTS_FILE
-    found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
-    if not cfg_file.is_file() or not weights.is_file():
-        raise ValueError(f"{directory} is not a sae_lens dictionary directory: expected "
-                         f"cfg.json and {WEIGHTS_FILE} (as SAE.save_model writes them); "
-                         f"found {found}")
-    raw = _read_cfg(cfg_file)
-    architecture = raw.get("architecture", "standard")
-    training = _is_training_cfg(raw)
-    if not training and architecture not in SAE_CLASS_REGISTRY:
-        known = SAE_CLASS_REGISTRY | SAE_TRAINING_CLASS_REGISTRY
-        raise ValueError(f"{cfg_file}: unknown architecture {architecture!r}"
-                         f"{_suggest(str(architecture), known)}; sae_lens knows "
-                         f"{', '.join(SAE_CLASS_REGISTRY)} (inference SAEs) and "
-                         f"{', '.join(SAE_TRAINING_CLASS_REGISTRY)} (training SAEs)")
-    registry = SAE_TRAINING_CLASS_REGISTRY if training else SAE_CLASS_REGISTRY
-    try:
-        cfg = registry[architecture][1].from_dict(handle_config_defaulting(raw))
-    except (TypeError, ValueError, KeyError) as err:
-        kind = "training " if training else ""
-        raise ValueError(f"{cfg_file}: not a valid {architecture} {kind}config "
-                         f"({_first_line(err)})") from None
-    d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
-    d_out = int(getattr(cfg, "d_out", None) or d_in)
-    _check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
-    read = cfg.metadata.hook_name
-    if training:
-        architecture = cfg.get_inference_config_class().architecture()
-    return {"read": read, "write": getattr(cfg.metadata, "hook_name_out", None) or read,
-            "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "architecture": architecture}
-
-
-def _read_cfg(cfg_file: Path) -> dict[str, Any]:
-    """A sae_lens `cfg.json` as a dict; unreadable JSON or a non-object is a ValueError."""
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{cfg_file}: not valid JSON ({_first_line(err)})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{cfg_file}: expected a JSON object")
-    return raw
-
-
-def _is_training_cfg(raw: dict[str, Any]) -> bool:
-    """Whether a cfg.json was written by a training SAE's `save_model`: for a name shared with
-    an inference SAE (topk, ...), sae_lens 6 metadata names it and training-only fields are
-    there (`save_inference_model` drops those fields; pre-6 configs lack that metadata)."""
-    architecture = raw.get("architecture", "standard")
-    if architecture not in SAE_TRAINING_CLASS_REGISTRY:
-        return False
-    if architecture not in SAE_CLASS_REGISTRY:
-        return True
-    metadata = raw.get("metadata")
-    if not isinstance(metadata, dict) or metadata.get("training_architecture") != architecture:
-        return False
-    training_only = ({f.name for f in fields(SAE_TRAINING_CLASS_REGISTRY[architecture][1])}
-                     - {f.name for f in fields(SAE_CLASS_REGISTRY[architecture][1])})
-    return not training_only.isdisjoint(raw)
-
-
-def _load_sae_lens_dir(directory: Path, device: str) -> SAE:
-    """A sae_lens directory as an inference SAE, converting one a training SAE saved.
-
-    Loaded as saved, a training save would lose its conversion (TopK's decoder-norm fold)
-    or not load at all (batchtopk is no inference architecture).
-    """
-    cfg_file = directory / "cfg.json"
-    if cfg_file.is_file() and _is_training_cfg(_read_cfg(cfg_file)):
-        return _as_inference_sae(TrainingSAE.load_from_disk(str(directory), device=device))
-    return SAE.load_from_disk(str(directory), device=device)
-
-
-def _as_inference_sae(training: TrainingSAE) -> SAE:
-    """`training` as the SAE its `save_inference_model` + `SAE.load_from_disk` would give.
-
-    The same sae_lens hooks convert the weights and config, without writing files.
-    """
-    state = training.state_dict()
-    training.process_state_dict_for_saving_inference(state)
-    sae = SAE.from_dict(training.cfg.get_inference_sae_cfg_dict())
-    sae.process_state_dict_for_loading(state)
-    sae.load_state_dict(state)
-    return sae
-
-
-def _check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """`path` is a complete safetensors file whose tensors in `shapes` have those shapes."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            names = set(f.keys())
-            found = {name: tuple(f.get_slice(name).get_shape()) for name in shapes
-                     if name in names}
-    except (OSError, SafetensorError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(err)}); "
-                         "a pickled or truncated file is refused") from None
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
-    if 8 + header_len + end > size:
-        raise ValueError(f"{path}: truncated ({size} bytes, its header describes "
-                         f"{8 + header_len + end})")
-    for name, shape in shapes.items():
-        if name in found and found[name] != shape:
-            raise ValueError(f"{path}: {name} has shape {list(found[name])}, but cfg.json "
-                             f"says {list(shape)}")
-
-
-@contextmanager
-def _importable_from(directory: Path | None) -> Iterator[None]:
-    """Modules beside the suite file importable for the block (a factory's `mymodule:fn`
-    needs no PYTHONPATH); sys.path is restored afterwards."""
-    if directory is None:
-        yield
-        return
-    sys.path.insert(0, str(directory))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(directory))
-
-
-def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | None,
-                  field: str) -> Any:
-    """Import `module:callable` and call it with the entry's args."""
-    if not allow_factory:
-        raise _error(suite_path, spec.line, field,
-                     f"factory {spec.ref!r} would run code named in the suite; set "
-                     "allow_factory: true at the top of the suite (or pass "
-                     "allow_factory=True) to allow it")
-    module_name, _, attribute = spec.ref.partition(":")
-    try:
-        with _importable_from(Path(suite_path).parent if suite_path is not None else None):
-            target: Any = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except (ImportError, AttributeError) as err:
-        raise _error(suite_path, spec.line, field,
-                     f"cannot import factory {spec.ref!r} ({_first_line(err)})") from None
-    if not callable(target):
-        raise _error(suite_path, spec.line, field, f"factory {spec.ref!r} is not callable")
-    return target(**spec.args)
+    return get_format(spec.kind).probe(spec, suite_path)
 
 
 def adapt(spec: DictionarySpec, obj: Any) -> splice.Dictionary:
@@ -745,7 +502,7 @@ def resolve_task(spec: TaskSpec, *, suite_path: Path | None = None) -> list[load
         if spec.kind == "zoo":
             return loading.load_task(spec.ref)
         if spec.kind == "path":
-            return loading.load_task_file(_local(spec.ref, suite_path))
+            return loading.load_task_file(local_path(spec.ref, suite_path))
     except (OSError, ValueError) as err:
-        raise _error(suite_path, spec.line, f"tasks.{spec.name}", str(err)) from None
-    raise _error(suite_path, spec.line, f"tasks.{spec.name}", f"unknown task kind {spec.kind!r}")
+        raise error_at(suite_path, spec.line, f"tasks.{spec.name}", str(err)) from None
+    raise error_at(suite_path, spec.line, f"tasks.{spec.name}", f"unknown task kind {spec.kind!r}")

@@ -544,12 +544,14 @@ MODEL_KEYS = ("name", "path", "from_pretrained_kwargs")
 DATA_KEYS = ("source", "n_tokens", "context", "seed")
 SOURCE_KEYS = ("path", "hf", "split", "column")
 TOKEN_SUFFIXES = (".safetensors", ".pt", ".txt", ".jsonl")
-DICTIONARY_KINDS: dict[str, tuple[str, ...]] = {
-    "zoo": (), "path": ("hook", "hook_out"), "release": ("sae_id",),
-    "factory": ("args", "hook", "hook_out"),
-}
-DICTIONARY_KEYS = (*DICTIONARY_KINDS, "sae_id", "args", "hook", "hook_out", "for")
 TASK_KEYS = ("zoo", "path")
+
+
+def _one_of(formats: Mapping) -> str:
+    """`zoo:, path:, release: (with sae_id:) or factory:` for the formats' keys."""
+    names = [f"{name}:" + (f" (with {', '.join(k + ':' for k in fmt.required)})"
+                           if fmt.required else "") for name, fmt in formats.items()]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 DEFAULTS_KEYS = ("options", "threshold")
 CHECK_KEYS = ("metric", "dictionaries", "splice", "task", "options", "threshold", "expect",
               "id", "baseline")
@@ -887,26 +889,31 @@ class _Parser:
         return _PLACEHOLDER_RE.sub(replace, text)
 
     def dictionaries(self, node: Node) -> dict[str, DictionarySpec]:
+        from saebench.dictionaries import COMMON_KEYS  # the formats import this module
+        from saebench.dictionaries import FORMATS as formats
+
         entries = self.mapping(node, "dictionaries")
         if not entries.items:
             self.fail(node, "dictionaries", "no dictionaries defined")
         out: dict[str, DictionarySpec] = {}
         for template, (key_node, value_node) in entries.items.items():
             path = f"dictionaries.{template}"
-            entry = self.mapping(value_node, path, DICTIONARY_KEYS)
-            kinds = [k for k in DICTIONARY_KINDS if k in entry.items]
+            keys = (*formats, *COMMON_KEYS, *(k for f in formats.values() for k in f.keys))
+            entry = self.mapping(value_node, path, tuple(dict.fromkeys(keys)))
+            kinds = [k for k in formats if k in entry.items]
             if len(kinds) != 1:
-                self.fail(value_node, path, "give exactly one of zoo:, path:, release: (with "
-                          "sae_id:) or factory:" + (f"; got {', '.join(kinds)}" if kinds else ""))
-            kind = kinds[0]
+                self.fail(value_node, path, "give exactly one of " + _one_of(formats)
+                          + (f"; got {', '.join(kinds)}" if kinds else ""))
+            kind, fmt = kinds[0], formats[kinds[0]]
             for key, (k_node, _) in entry.items.items():
-                if key not in (kind, "for", *DICTIONARY_KINDS[kind]):
+                if key not in (kind, *COMMON_KEYS, *fmt.keys):
                     self.fail(k_node, entry.sub(key), f"does not apply to {kind}: dictionaries")
-            if kind == "release" and "sae_id" not in entry.items:
-                self.fail(value_node, entry.sub("sae_id"), "required for release: dictionaries")
-            if kind == "factory" and not self.allow_factory:
-                self.fail(entry.items["factory"][0], entry.sub("factory"),
-                          "factory dictionaries run code from the suite; set "
+            for key in fmt.required:
+                if key not in entry.items:
+                    self.fail(value_node, entry.sub(key), f"required for {kind}: dictionaries")
+            if fmt.runs_code and not self.allow_factory:
+                self.fail(entry.items[kind][0], entry.sub(kind),
+                          f"{kind} dictionaries run code from the suite; set "
                           "allow_factory: true at the top of the suite to allow them")
             for binding in self.expansions(template, key_node, entry):
                 spec = self.dictionary(template, key_node, entry, kind, binding)
@@ -932,20 +939,17 @@ class _Parser:
 
         ref_node, ref_path = entry.items[kind][1], entry.sub(kind)
         ref = self.substitute(self.string(ref_node, ref_path), binding, ref_node, ref_path)
-        line = _line(key_node)
-        if kind == "zoo":
+        from saebench.dictionaries import FORMATS
+
+        fmt = FORMATS[kind]
+        if fmt.ref == "zoo":
             names = self.zoo_names(ref_node, ref_path)
             if ref not in names:
                 self.fail(ref_node, ref_path, f"the zoo has no dictionary {ref!r}"
                           f"{_suggest(ref, names)}; it has: {', '.join(names)}")
-            return DictionarySpec(name, kind, ref, line=line)
-        if kind == "path":
-            return DictionarySpec(name, kind, self.local_path(ref_node, ref_path, ref,
-                                                              "directory"), hook=text("hook"),
-                                  hook_out=text("hook_out"), line=line)
-        if kind == "release":
-            return DictionarySpec(name, kind, ref, release=ref, sae_id=text("sae_id"), line=line)
-        if not _FACTORY_RE.match(ref):
+        elif fmt.ref == "directory":
+            ref = self.local_path(ref_node, ref_path, ref, "directory")
+        elif fmt.ref == "factory" and not _FACTORY_RE.match(ref):
             self.fail(ref_node, ref_path, f"expected 'package.module:callable', got {ref!r}")
         args: dict = {}
         if (args_node := entry.get("args")) is not None:
@@ -953,8 +957,9 @@ class _Parser:
             args = {k: self.substitute(v, binding, args_node, entry.sub("args"))
                     if isinstance(v, str) else v
                     for k, v in self.value(args_node, entry.sub("args")).items()}
-        return DictionarySpec(name, kind, ref, args=args, hook=text("hook"),
-                              hook_out=text("hook_out"), line=line)
+        return DictionarySpec(name, kind, ref, release=ref if kind == "release" else None,
+                              sae_id=text("sae_id"), args=args, hook=text("hook"),
+                              hook_out=text("hook_out"), line=_line(key_node))
 
     # -- checks --------------------------------------------------------------------
 
