@@ -420,7 +420,8 @@ class _Clean:
     """The clean pass's log-probs, and the CE/KL terms of a variant against them.
 
     CE is summed over prediction positions (input token not special, a next token exists),
-    KL over every position whose input token is not special, as sae_lens does. The clean
+    KL over every position whose input token is not special, as sae_lens does; so is the
+    spliced run's top-1 agreement with the clean one (`agree_spliced`). The clean
     log-probs and CE are computed once per batch and shared by every variant.
     """
 
@@ -429,6 +430,7 @@ class _Clean:
         self.act_mask = act_mask
         self.pred_mask = act_mask[:, :-1]
         self.log_p = tok_metrics.log_probs(logits)
+        self.top1 = self.log_p.argmax(-1)
         self.shared = {
             "ce_clean": tok_metrics.sequence_sums(
                 tok_metrics.next_token_nll(self.log_p, batch), self.pred_mask),
@@ -442,7 +444,11 @@ class _Clean:
         kl = tok_metrics.kl_from_log_probs(self.log_p, log_q)
         terms = {f"ce_{label}": tok_metrics.sequence_sums(ce, self.pred_mask),
                  f"kl_{label}": tok_metrics.sequence_sums(kl, self.act_mask)}
-        return terms | self.shared if label == "spliced" else terms
+        if label != "spliced":
+            return terms
+        agree = (log_q.argmax(-1) == self.top1).to(log_q.dtype)
+        return terms | self.shared | {
+            "agree_spliced": tok_metrics.sequence_sums(agree, self.act_mask)}
 
     def spliced_counts(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guard terms: per sequence, the counted CE and KL positions at or after a

@@ -37,9 +37,10 @@ def test_identity_dictionary_recovers_everything(hook, layer, seed):
     hook = hook.format(l=layer)
     df = run_metrics(model, {"id": wrap(Identity(), model, hook)}, tokens_for(model, 4, seed),
                      metrics=["ce_loss_recovered", "kl_div", "kl_div_score", "explained_variance",
-                              "mse", "cossim"])
+                              "mse", "cossim", "next_token_agreement"])
     v = values(df)
     assert v['ce_loss_recovered{"ablation": "zero"}'] == pytest.approx(1, abs=1e-5)
+    assert v["next_token_agreement"] == 1.0
     assert v["kl_div"] == pytest.approx(0, abs=1e-6)
     assert v["explained_variance"] == pytest.approx(1, abs=1e-9)
     assert v["mse"] == pytest.approx(0, abs=1e-12)
@@ -64,10 +65,13 @@ def test_error_term_gives_the_clean_model_exactly(hook, layer, seed):
     model = tiny_model(seed=seed)
     hook = hook.format(l=layer)
     df = run_metrics(model, {"lossy": wrap(Scaled(), model, hook)},
-                     tokens_for(model, 4, seed), metrics=["delta_ce", "kl_div"], error_term=True)
+                     tokens_for(model, 4, seed), metrics=["delta_ce", "kl_div",
+                                                          "next_token_agreement"],
+                     error_term=True)
     v = values(df)
     assert v["delta_ce"] == 0.0
     assert v["kl_div"] == 0.0
+    assert v["next_token_agreement"] == 1.0
 
 
 @pytest.mark.parametrize("hook", [h.format(l=1) for h in HOOKS])
@@ -237,3 +241,17 @@ def test_a_memo_runs_the_clean_model_once_and_changes_no_term(monkeypatch):
                                                            "blocks.1.hook_resid_post"),))
     engine.run(model, tokens, [other], options, memo)
     assert len(clean_passes) == 2 * batches + moments
+
+
+@pytest.mark.parametrize("hook", [h.format(l=1) for h in HOOKS])
+def test_next_token_agreement_is_the_share_of_unchanged_top1_tokens(hook):
+    """Against a plain full forward pass with the splice hooked in, counted by hand."""
+    model = tiny_model(seed=3)
+    tokens = tokens_for(model, 6, 3)
+    d = wrap(Scaled(), model, hook)
+    spliced = model.run_with_hooks(tokens, fwd_hooks=splice_hooks([d]))
+    expected = (spliced.argmax(-1) == model(tokens).argmax(-1)).double().mean().item()
+    df = run_metrics(model, {"lossy": wrap(Scaled(), model, hook)}, tokens,
+                     metrics=["next_token_agreement"], exclude_special_tokens=False)
+    assert 0 < expected < 1
+    assert values(df)["next_token_agreement"] == pytest.approx(expected, abs=1e-12)

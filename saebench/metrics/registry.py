@@ -19,7 +19,8 @@ Term names (the contract with the engine; all float64 per-sequence sums):
   the CE mask is `mask[:, :-1]`): `n_pred` (count), `ce_clean`, `ce_spliced`, `ce_zero`,
   `ce_mean` (sums of per-token CE); over every position whose input token is not special
   (the last one too, as sae_lens does): `n_kl` (count), `kl_spliced`, `kl_zero`, `kl_mean`
-  (sums of per-token KL(clean ‖ variant)).
+  (sums of per-token KL(clean ‖ variant)), `agree_spliced` (positions whose top-1 next
+  token is the clean model's).
 - reconstruction, over activation positions (input token not special): `n_act` (count),
   `l0`, `sq_err`, `sq_target`, `sum_target` (width d), `sq_recon`, `dot`, `cossim`,
   `l2_ratio`, `feature_counts` (width d_sae: positions where each feature is active).
@@ -58,7 +59,8 @@ UNBOUNDED = (-math.inf, math.inf)
 FRACTION = (0.0, 1.0)
 NON_NEGATIVE = (0.0, math.inf)
 DOWNSTREAM_TERMS = ("n_pred", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
-                    "n_kl", "kl_spliced", "kl_zero", "kl_mean", "kl_eps_iso", "kl_eps_cov")
+                    "n_kl", "kl_spliced", "kl_zero", "kl_mean", "kl_eps_iso", "kl_eps_cov",
+                    "agree_spliced")
 RECONSTRUCTION_TERMS = ("n_act", "l0", "sq_err", "sq_target", "sum_target", "sq_recon", "dot",
                         "cossim", "l2_ratio", "feature_counts")
 VECTOR_TERMS = ("sum_target", "feature_counts")
@@ -309,6 +311,19 @@ register_metric(Metric(
                            "kl_abl": _kl_abl(s, o) / s["n_kl"]},
     count="n_kl",
     bounds=(-math.inf, 1.0),
+))
+
+register_metric(Metric(
+    name="next_token_agreement",
+    terms=_fixed("n_kl", "agree_spliced"),
+    aggregate=lambda s, o: s["agree_spliced"] / s["n_kl"],
+    higher_is_better=True,
+    description="Share of positions (input token not special) whose most likely next token "
+                "with the dictionary spliced in is the clean model's: the next-token agreement "
+                "of a replacement model (Ameisen et al. 2025). 1 = every top-1 prediction kept.",
+    kind="downstream",
+    count="n_kl",
+    bounds=FRACTION,
 ))
 
 register_metric(Metric(

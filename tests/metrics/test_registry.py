@@ -29,9 +29,9 @@ FAST = settings(max_examples=25, deadline=None)
 
 # The core metrics registered by `saebench.metrics.registry` itself; task and pathological
 # metrics have their own tests (tests/test_tasks.py, tests/test_pathological.py).
-CORE = ["ce_loss_recovered", "delta_ce", "kl_div", "kl_div_score", "l0", "explained_variance",
-        "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "dead_fraction",
-        "dense_fraction"]
+CORE = ["ce_loss_recovered", "delta_ce", "kl_div", "kl_div_score", "next_token_agreement",
+        "l0", "explained_variance", "mse", "cossim", "l2_ratio", "relative_reconstruction_bias",
+        "dead_fraction", "dense_fraction"]
 
 
 def _raw(seed: int, n_tokens: int, mean: float = 0.0, recon: str = "noisy") -> dict:
@@ -54,7 +54,8 @@ def _raw(seed: int, n_tokens: int, mean: float = 0.0, recon: str = "noisy") -> d
     kl = {f"kl_{k}": torch.rand(n_tokens, generator=g, dtype=torch.float64) * s
           for k, s in (("spliced", 0.2), ("zero", 3.0), ("mean", 1.0), ("eps_iso", 0.1),
                        ("eps_cov", 0.4))}
-    return {"x": x, "r": r, "f": f, **ce, **kl}
+    agree = (torch.rand(n_tokens, generator=g) < 0.9).double()
+    return {"x": x, "r": r, "f": f, **ce, **kl, "agree_spliced": agree}
 
 
 def _pad(flat: torch.Tensor, lengths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +105,7 @@ def _reference(raw: dict, name: str, options: dict) -> float:
         "delta_ce": lambda: ce["ce_spliced"] - ce["ce_clean"],
         "kl_div": lambda: kl["kl_spliced"],
         "kl_div_score": lambda: (kl[f"kl_{abl}"] - kl["kl_spliced"]) / kl[f"kl_{abl}"],
+        "next_token_agreement": lambda: np_["agree_spliced"].mean(),
         "l0": lambda: (f != 0).sum(1).mean(),
         "explained_variance": lambda: 1 - ((x - r) ** 2).sum(1).mean()
         / ((x - x.mean(0)) ** 2).sum(1).mean(),
