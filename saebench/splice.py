@@ -168,16 +168,16 @@ class Dictionary:
 
     def _needs_input(self) -> tuple[bool, bool]:
         """(skip path, run-time normalisation state): what decoding needs the input x for."""
-        if self.kind != "sae_lens":
-            return False, False
         skip = isinstance(getattr(self.module, "W_skip", None), Tensor)
-        return skip, self.module.cfg.normalize_activations in _STATEFUL_NORMS
+        return skip, (self.kind == "sae_lens"
+                      and self.module.cfg.normalize_activations in _STATEFUL_NORMS)
 
     def decode(self, feats: Tensor, like: Tensor | None = None, *, x: Tensor | None = None
                ) -> Tensor:
         """Reconstruction from features, shaped and typed like `like` (the write-hook activation).
 
-        sae_lens skip transcoders add `x @ W_skip.T`, and SAEs normalising at run time
+        Skip transcoders (a module with a `W_skip` tensor: sae_lens', sparsify's) add
+        `x @ W_skip.T`, and sae_lens SAEs normalising at run time
         ("layer_norm", "constant_norm_rescale") undo the scale of the input: both need the
         read-hook activation `x` that the features came from.
         """

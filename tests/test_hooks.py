@@ -6,27 +6,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saebench.hooks import module_path, transformer_lens_hooks
+from saebench.hooks import module_hooks, module_path
 
 
 @pytest.mark.parametrize(("module", "read", "write"), [
-    ("layers.6", "blocks.6.hook_resid_post", "blocks.6.hook_resid_post"),
-    ("model.layers.6", "blocks.6.hook_resid_post", "blocks.6.hook_resid_post"),
-    ("transformer.h.0", "blocks.0.hook_resid_post", "blocks.0.hook_resid_post"),
+    ("layers.6", "blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"),
+    ("model.layers.6", "blocks.6.hook_resid_pre", "blocks.6.hook_resid_post"),
+    ("transformer.h.0", "blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"),
     ("layers.11.mlp", "blocks.11.ln2.hook_normalized", "blocks.11.hook_mlp_out"),
     ("gpt_neox.layers.3.mlp", "blocks.3.ln2.hook_normalized", "blocks.3.hook_mlp_out"),
-    ("model.layers.2.self_attn", "blocks.2.hook_attn_out", "blocks.2.hook_attn_out"),
-    ("transformer.h.2.attn", "blocks.2.hook_attn_out", "blocks.2.hook_attn_out"),
+    ("model.layers.2.self_attn", "blocks.2.ln1.hook_normalized", "blocks.2.hook_attn_out"),
+    ("transformer.h.2.attn", "blocks.2.ln1.hook_normalized", "blocks.2.hook_attn_out"),
 ])
-def test_module_paths_map_to_transformer_lens_hooks(module, read, write):
-    assert transformer_lens_hooks(module) == (read, write)
+def test_module_paths_map_to_module_hooks(module, read, write):
+    assert module_hooks(module) == (read, write)
 
 
 @given(layer=st.integers(0, 200), form=st.sampled_from(["layers.{n}", "layers.{n}.mlp",
                                                         "layers.{n}.self_attn"]))
-def test_the_mapping_inverts_on_write_hooks(layer, form):
+def test_the_mapping_inverts_on_output_hooks(layer, form):
     canonical = form.format(n=layer)
-    assert module_path(transformer_lens_hooks(canonical)[1]) == canonical
+    assert module_path(module_hooks(canonical)[1]) == canonical
 
 
 @pytest.mark.parametrize("module", ["layers.6.mlp.down_proj", "embed_tokens", "layers.x",
@@ -34,7 +34,7 @@ def test_the_mapping_inverts_on_write_hooks(layer, form):
 def test_an_unknown_module_is_refused_naming_the_known_forms(module):
     with pytest.raises(ValueError, match=rf"no TransformerLens hook is known for the module "
                                          rf"'{module}'; known forms: layers\.N"):
-        transformer_lens_hooks(module)
+        module_hooks(module)
 
 
 def test_a_hook_without_a_module_path_is_refused():
