@@ -92,6 +92,12 @@ def _special_ids(exclude: bool | Sequence[int]) -> list[int] | None:
     return [int(t) for t in exclude]
 
 
+def _stack_bytes(stack: bool | None, device: torch.device) -> int:
+    """The engine's stacking budget for `evaluate(stack=...)`: None stacks on CUDA only."""
+    wanted = device.type == "cuda" if stack is None else stack
+    return engine.EngineOptions.stack_bytes if wanted else 0
+
+
 def evaluate(
     model: HookedTransformer,
     dictionaries: Any,
@@ -110,6 +116,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     n_draws: int = patho.DEFAULT_DRAWS,
+    stack: bool | None = None,
 ) -> pd.DataFrame:
     """Evaluate dictionaries spliced into `model` on `tokens` [n_sequences, seq_len].
 
@@ -119,6 +126,10 @@ def evaluate(
     from the tokenizer (as sae_lens does), False excludes nothing, a list gives the ids.
     `seed` seeds the bootstrap and the random draws of `pathological_error` (`n_draws` per
     baseline; one row per baseline, isotropic and covariance; single dictionaries only).
+    `stack`: dictionaries sharing a write hook (a sweep) are spliced in one pass stacked
+    along the batch where memory allows (values then agree to float rounding, ~1e-7); by
+    default on CUDA only (on a CPU it pays off only for small batches:
+    benchmarks/sweep_stacking.py).
     Returns a DataFrame of result rows.
     """
     metric_objs = [get_metric(m) for m in metrics]
@@ -154,7 +165,8 @@ def evaluate(
     options = engine.EngineOptions(batch_size=batch_size, device=device, dtype=torch_dtype,
                                    exclude_special_tokens=bool(exclude_special_tokens),
                                    special_token_ids=_special_ids(exclude_special_tokens),
-                                   progress=progress)
+                                   progress=progress,
+                                   stack_bytes=_stack_bytes(stack, device))
     terms = engine.run(model, tokens, requests, options)
     base = {**provenance(model, tokens, seed), "model_hash": model_hash(model),
             "error_term": error_term}

@@ -416,7 +416,9 @@ class SuiteRun:
             what += f" on task {task}" if task else ""
             if status is not None:
                 status(what)
-            options = engine.EngineOptions(batch_size=batch_size, progress=False,
+            # no stacking: a check's row must not depend, even in its last bits, on which
+            # other dictionaries' checks were computed with it
+            options = engine.EngineOptions(batch_size=batch_size, progress=False, stack_bytes=0,
                                            on_batch=_batch_status(status, what))
             self._run_isolated(task, options, groups)
         for check in pending:

@@ -142,7 +142,9 @@ def _suffix_pass(model, cache, batch, layer: int | None, fwd_hooks, rows: int | 
 class EngineOptions:
     """How the engine runs: batch size, device and dtype, special tokens, progress bar;
     `on_batch(done, total)` is called after each batch with the sequences done so far and
-    the total (None for an iterable of batches)."""
+    the total (None for an iterable of batches). Dictionaries sharing a write hook are
+    spliced in one suffix pass stacked along the batch, up to `stack_bytes` of stacked
+    logits (0: one pass each; stacking can change results in the last bits)."""
 
     batch_size: int = 16
     device: str | torch.device | None = None
@@ -151,6 +153,7 @@ class EngineOptions:
     progress: bool = True
     special_token_ids: Sequence[int] | None = None
     on_batch: Callable[[int, int | None], None] | None = None
+    stack_bytes: int = 1 << 30
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -378,27 +381,33 @@ def run(
                 abl_logits = _ablated_logits(model, cache, batch, hooks, kind, means,
                                              token_independent)
                 ablation_logs[(hooks, kind)].add(**clean.terms_against(abl_logits, kind))
-        for request in requests:
-            record: dict = {}
-            evaluated = act_mask
-            if request.downstream:
-                mask = act_mask & position_mask(request.positions, *batch.shape,
-                                                device=batch.device)
-                spliced = _spliced_logits(model, cache, batch, request, mask, record)
-                logs[request.key].add(**clean.terms_against(spliced, "spliced"),
-                                      **clean.spliced_counts(mask))
-                del spliced
-                if not request.reconstruction:
-                    evaluated = mask
-            if request.pathological_draws:
-                logs[request.key].add(**_pathological_terms(
-                    model, cache, batch, request, mask, record, clean, factors, first_row))
-            if request.reconstruction:
-                if not record:
-                    _record_from_cache(cache, request, act_mask, record)
-                logs[request.key].add(**_reconstruction_terms(record[request.dictionaries[0].name],
-                                                              act_mask))
-            logs[request.key].add(**health_terms(record, evaluated))
+        for stack in _stacks(requests, options.stack_bytes, batch.numel() * model.cfg.d_vocab * 4):
+            masks = {r.key: act_mask & position_mask(r.positions, *batch.shape,
+                                                     device=batch.device) for r in stack}
+            records: dict[str, dict] = {r.key: {} for r in stack}
+            stacked = (_stacked_spliced_logits(model, cache, stack, masks, records)
+                       if len(stack) > 1 else {})
+            for request in stack:
+                record, mask = records[request.key], masks[request.key]
+                evaluated = act_mask
+                if request.downstream:
+                    spliced = stacked.pop(request.key, None)
+                    if spliced is None:
+                        spliced = _spliced_logits(model, cache, batch, request, mask, record)
+                    logs[request.key].add(**clean.terms_against(spliced, "spliced"),
+                                          **clean.spliced_counts(mask))
+                    del spliced
+                    if not request.reconstruction:
+                        evaluated = mask
+                if request.pathological_draws:
+                    logs[request.key].add(**_pathological_terms(
+                        model, cache, batch, request, mask, record, clean, factors, first_row))
+                if request.reconstruction:
+                    if not record:
+                        _record_from_cache(cache, request, act_mask, record)
+                    logs[request.key].add(**_reconstruction_terms(
+                        record[request.dictionaries[0].name], act_mask))
+                logs[request.key].add(**health_terms(record, evaluated))
         bar.update(len(batch))
         first_row += len(batch)
         if options.on_batch is not None:
@@ -480,6 +489,59 @@ def _spliced_logits(model, cache, batch, request: Request, mask, record) -> torc
     hooks = splice_hooks(request.dictionaries, error_term=request.error_term, mask=mask,
                          edits=request.edits, record=record)
     return _suffix_pass(model, cache, batch, request.start_layer, hooks)
+
+
+def _stackable(request: Request) -> tuple | None:
+    """What requests must share to be spliced in one stacked pass (one dictionary, not a
+    transcoder, without edits or error term, from a cached layer), or None."""
+    if not request.downstream or len(request.dictionaries) != 1 or request.edits \
+            or request.error_term or request.start_layer is None:
+        return None
+    d = request.dictionaries[0]
+    if d.is_transcoder:
+        return None
+    positions = request.positions if request.positions is None or isinstance(
+        request.positions, int) else tuple(request.positions)
+    return (d.write_hook, request.start_layer, positions)
+
+
+def _stacks(requests: Sequence[Request], budget: int, logits_bytes: int) -> list[list[Request]]:
+    """`requests` in groups spliced in one stacked suffix pass each, in request order: those
+    sharing a write hook, start layer and positions (`_stackable`), as many at a time as
+    keep the stacked logits within `budget` bytes; every other request alone."""
+    per_stack = max(1, budget // max(logits_bytes, 1))
+    stacks: list[list[Request]] = []
+    open_stacks: dict[tuple, list[Request]] = {}
+    for request in requests:
+        key = _stackable(request)
+        stack = open_stacks.get(key) if key is not None else None
+        if stack is not None and len(stack) < per_stack:
+            stack.append(request)
+            continue
+        stacks.append([request])
+        if key is not None:
+            open_stacks[key] = stacks[-1]
+    return stacks
+
+
+def _stacked_spliced_logits(model, cache, stack: list[Request], masks: dict[str, Tensor],
+                            records: dict[str, dict]) -> dict[str, Tensor]:
+    """The spliced logits of each request of `stack` from one suffix pass over the cached
+    residual repeated once per request, each copy through its own dictionary."""
+    layer = stack[0].start_layer
+    inputs = cache[f"blocks.{layer}.hook_resid_pre"]
+    rows = len(inputs)
+    splices = [splice_hooks(r.dictionaries, mask=masks[r.key], record=records[r.key])[0][1]
+               for r in stack]
+
+    def hook_fn(act: Tensor, hook) -> Tensor:
+        return torch.cat([fn(act[i * rows:(i + 1) * rows], hook)
+                          for i, fn in enumerate(splices)])
+
+    logits = model.run_with_hooks(inputs.repeat(len(stack), *([1] * (inputs.dim() - 1))),
+                                  start_at_layer=layer,
+                                  fwd_hooks=[(stack[0].dictionaries[0].write_hook, hook_fn)])
+    return {r.key: logits[i * rows:(i + 1) * rows] for i, r in enumerate(stack)}
 
 
 def _sequence_seed(seed: int, index: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from toys import HOOKS, Identity, Scaled, Zero, tiny_model, tokens_for, width
+from toys import HOOKS, Identity, Scaled, Zero, lossy, tiny_model, tokens_for, width
 
 from saebench import engine, evaluate
 from saebench.splice import as_dictionary, splice_hooks
@@ -255,3 +255,38 @@ def test_next_token_agreement_is_the_share_of_unchanged_top1_tokens(hook):
                      metrics=["next_token_agreement"], exclude_special_tokens=False)
     assert 0 < expected < 1
     assert values(df)["next_token_agreement"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("per_stack", [4, 3])
+def test_a_stacked_sweep_gives_the_numbers_of_one_suffix_per_dictionary(per_stack):
+    """Dictionaries at one write hook spliced in one pass stacked along the batch (all four,
+    or three at a time within a smaller budget) match one suffix pass per dictionary."""
+    model = tiny_model(seed=2)
+    tokens = tokens_for(model, 5, 2)
+    hook = "blocks.1.hook_resid_pre"
+    budget = per_stack * 4 * model.cfg.n_ctx * model.cfg.d_vocab * 4  # logits of 4 rows each
+
+    class Shrunk(Identity):
+        def __init__(self, scale: float) -> None:
+            self.scale = scale
+
+        def decode(self, f):
+            return self.scale * lossy(f)
+
+    def sweep():
+        return {f"s{i}": wrap(Shrunk(0.5 + 0.1 * i), model, hook) for i in range(4)}
+
+    calls = []
+    real = model.run_with_hooks
+    model.run_with_hooks = lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)
+    stacked = engine.run(model, tokens, [engine.Request(key=n, dictionaries=(d,))
+                                         for n, d in sweep().items()],
+                         engine.EngineOptions(batch_size=4, progress=False, stack_bytes=budget))
+    del model.run_with_hooks
+    assert max(calls) == per_stack * 4  # the first batch's rows, once per stacked dictionary
+    alone = engine.run(model, tokens, [engine.Request(key=n, dictionaries=(d,))
+                                       for n, d in sweep().items()],
+                       engine.EngineOptions(batch_size=4, progress=False, stack_bytes=0))
+    for name in alone:
+        for term, value in alone[name].items():
+            torch.testing.assert_close(stacked[name][term], value, rtol=1e-6, atol=1e-9)
