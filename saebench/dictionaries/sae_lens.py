@@ -115,7 +115,7 @@ def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
                          f"({resolve.first_line(err)})") from None
     d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
     d_out = int(getattr(cfg, "d_out", None) or d_in)
-    _check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
+    check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
     read = cfg.metadata.hook_name
     if training:
         architecture = cfg.get_inference_config_class().architecture()
@@ -180,7 +180,7 @@ def _as_inference_sae(training: Any) -> Any:
     return sae
 
 
-def _check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """`path` is a complete safetensors file whose tensors in `shapes` have those shapes."""
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
 
 from saebench.dictionaries import DictionaryInfo, Format, register_format, sha256_of
-from saebench.dictionaries.sae_lens import _check_weights_header
+from saebench.dictionaries.sae_lens import check_weights_header
 
 WEIGHTS_FILE = "sae.safetensors"
 IDENTITY_FILES = ("cfg.json", WEIGHTS_FILE)
@@ -138,7 +138,7 @@ def _inspect(spec: DictionarySpec, suite_path: Path | None
     directory = resolve.local_path(spec.ref, suite_path)
     try:
         cfg = _read_cfg(directory)
-        _check_weights_header(directory / WEIGHTS_FILE, _weight_shapes(cfg))
+        check_weights_header(directory / WEIGHTS_FILE, _weight_shapes(cfg))
         return directory, cfg, _hooks(spec, directory, cfg["transcode"])
     except ValueError as err:
         raise resolve.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
