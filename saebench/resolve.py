@@ -20,18 +20,15 @@ path and line are known, else a ValueError; both name the offending file.
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import datasets
-import httpx
 import torch
 from sae_lens.loading.pretrained_saes_directory import (
     PretrainedSAELookup,
@@ -46,18 +43,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saebench import loading, splice
 from saebench.dictionaries import DictionaryInfo
-from saebench.suite import DataSpec, DictionarySpec, ModelSpec, SuiteError, TaskSpec
+from saebench.located import (  # noqa: F401  (re-exported: resolve.HubUnavailable, ...)
+    HubUnavailable,
+    error_at,
+    first_line,
+    hub_access,
+    local_path,
+    suggest,
+    where_of,
+)
+from saebench.suite import DataSpec, DictionarySpec, ModelSpec, TaskSpec
 from saebench.zoo import paths
 from saebench.zoo.model import load_model
 from saebench.zoo.tokenizer import load_tokenizer
 
-# What huggingface_hub, transformers, datasets and sae_lens raise when a download fails: an
-# OSError (connection, offline mode, missing entry, gated or unknown repo), an httpx error
-# raised outside huggingface_hub's wrappers, or a `datasets` error (e.g. a defunct dataset).
-_HUB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, httpx.HTTPError, datasets.exceptions.DatasetsError)
-_HUB_HINT = ("run once with network access (gated repos also need a token: `hf auth login`) "
-             "to fill the local cache; HF_HUB_OFFLINE=1 then loads from the cache only")
 # TransformerLens' processing flags for HF checkpoint directories; all off by default, as in
 # `HookedTransformer.from_pretrained_no_processing`.
 _PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
@@ -65,63 +64,6 @@ _PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_valu
 _TEXT_SUFFIXES = (".txt", ".jsonl")
 _DATA_FIELDS = {"path": "data.source.path", "hf": "data.source.hf"}
 _Fail = Callable[[str], ValueError]  # builds the located error for a data problem
-
-
-class HubUnavailable(RuntimeError):
-    """A hub download was needed and failed (offline, not found, gated).
-
-    The message names the suite entry (`file:line: field`) and what was being fetched; the
-    pytest plugin turns it into a skip with this reason.
-    """
-
-
-# ---------------------------------------------------------------------------- helpers
-
-def where_of(suite_path: Path | None, line: int, field: str) -> str:
-    """`suite.yaml:12: field`, `suite.yaml: field` or `field`, as much as is known."""
-    if suite_path is None:
-        return field
-    return f"{suite_path}:{line}: {field}" if line else f"{suite_path}: {field}"
-
-
-def error_at(suite_path: Path | None, line: int, field: str, message: str) -> ValueError:
-    """A SuiteError at the entry when its line is known, else a located ValueError."""
-    if suite_path is not None and line:
-        return SuiteError(str(suite_path), line, field, message)
-    return ValueError(f"{where_of(suite_path, line, field)}: {message}")
-
-
-def local_path(path: str, suite_path: Path | None) -> Path:
-    """`path`, relative to the suite file's directory when it is relative."""
-    resolved = Path(path).expanduser()
-    if not resolved.is_absolute() and suite_path is not None:
-        resolved = Path(suite_path).parent / resolved
-    return resolved
-
-
-def first_line(err: BaseException, limit: int = 160) -> str:
-    """`ErrorType: first line of its message`, cut to about `limit` characters."""
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-    return line if len(line) <= limit else line[:limit - 1] + "…"
-
-
-@contextmanager
-def hub_access(where: str, what: str) -> Iterator[None]:
-    """Turn a failed download inside the block into HubUnavailable naming `where` and `what`."""
-    try:
-        yield
-    except (*_HUB_ERRORS, ValueError) as err:
-        if isinstance(err, ValueError) and "offline" not in str(err).lower():
-            raise
-        raise HubUnavailable(f"{where}: could not download {what} from the Hugging Face Hub "
-                             f"({first_line(err)}); {_HUB_HINT}") from err
-
-
-def suggest(word: str, choices: Iterable[str]) -> str:
-    """`; close matches: a, b` for the choices close to `word`, or nothing."""
-    close = difflib.get_close_matches(word, list(choices), n=5, cutoff=0.6)
-    return f"; close matches: {', '.join(close)}" if close else ""
 
 
 # ---------------------------------------------------------------------------- releases

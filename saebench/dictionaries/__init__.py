@@ -52,7 +52,7 @@ class Format:
     """One dictionary format.
 
     `probe(spec, suite_path) -> DictionaryInfo` and `load(spec, device, suite_path,
-    allow_factory) -> object` raise a located error (`saebench.resolve.error_at`) for a
+    allow_factory) -> object` raise a located error (`saebench.located.error_at`) for a
     problem of the entry; `keys` are the format's own YAML keys, `required` those of them it
     cannot do without; `runs_code` formats need `allow_factory: true` in the suite.
     """

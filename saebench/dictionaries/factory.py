@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from saebench import resolve
+from saebench import located
 
 if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
@@ -53,7 +53,7 @@ def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | 
                   field: str) -> Any:
     """Import `module:callable` and call it with the entry's args."""
     if not allow_factory:
-        raise resolve.error_at(suite_path, spec.line, field,
+        raise located.error_at(suite_path, spec.line, field,
                      f"factory {spec.ref!r} would run code named in the suite; set "
                      "allow_factory: true at the top of the suite (or pass "
                      "allow_factory=True) to allow it")
@@ -64,10 +64,10 @@ def _call_factory(spec: DictionarySpec, allow_factory: bool, suite_path: Path | 
         for part in attribute.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as err:
-        raise resolve.error_at(suite_path, spec.line, field,
-                     f"cannot import factory {spec.ref!r} ({resolve.first_line(err)})") from None
+        raise located.error_at(suite_path, spec.line, field,
+                     f"cannot import factory {spec.ref!r} ({located.first_line(err)})") from None
     if not callable(target):
-        raise resolve.error_at(suite_path, spec.line, field,
+        raise located.error_at(suite_path, spec.line, field,
                                f"factory {spec.ref!r} is not callable")
     return target(**spec.args)
 

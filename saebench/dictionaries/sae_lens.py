@@ -19,7 +19,7 @@ import torch
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from safetensors import SafetensorError, safe_open
 
-from saebench import resolve
+from saebench import located
 
 if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
@@ -37,7 +37,7 @@ def probe_directory(spec: DictionarySpec, directory: Path, source: str,
     try:
         info = _probe_sae_lens_dir(directory)
     except ValueError as err:
-        raise resolve.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
+        raise located.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
                                str(err)) from None
     identity = {"source": source, "sha256": sha256_of(directory / n for n in IDENTITY_FILES)}
     read = spec.hook or info["read"]
@@ -47,19 +47,19 @@ def probe_directory(spec: DictionarySpec, directory: Path, source: str,
 
 
 def _probe_path(spec: DictionarySpec, suite_path: Path | None) -> DictionaryInfo:
-    directory = resolve.local_path(spec.ref, suite_path)
+    directory = located.local_path(spec.ref, suite_path)
     return probe_directory(spec, directory, f"path:{directory}", suite_path)
 
 
 def _load_path(spec: DictionarySpec, device: str | torch.device, suite_path: Path | None,
                allow_factory: bool = False) -> Any:
-    directory = resolve.local_path(spec.ref, suite_path)
+    directory = located.local_path(spec.ref, suite_path)
     try:
         return load_directory(directory, str(device))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise resolve.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
+        raise located.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
                                f"{directory}: cannot load a sae_lens dictionary "
-                               f"({resolve.first_line(err)}); expected cfg.json + "
+                               f"({located.first_line(err)}); expected cfg.json + "
                                "sae_weights.safetensors as SAE.save_model writes them") from err
 
 
@@ -72,13 +72,15 @@ def _load_release(spec: DictionarySpec, device: str | torch.device, suite_path: 
                   allow_factory: bool = False) -> Any:
     from sae_lens import SAE
 
+    from saebench.resolve import release_lookup  # resolve imports this package
+
     field = f"dictionaries.{spec.name}"
     release, sae_id = spec.ref, spec.sae_id or ""
     try:
-        resolve.release_lookup(release, sae_id)
+        release_lookup(release, sae_id)
     except ValueError as err:
-        raise resolve.error_at(suite_path, spec.line, field, str(err)) from None
-    with resolve.hub_access(resolve.where_of(suite_path, spec.line, field),
+        raise located.error_at(suite_path, spec.line, field, str(err)) from None
+    with located.hub_access(located.where_of(suite_path, spec.line, field),
                             f"SAE {sae_id!r} of release {release!r}"):
         return SAE.from_pretrained(release, sae_id, device=str(device))
 
@@ -103,7 +105,7 @@ def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
     if not training and architecture not in SAE_CLASS_REGISTRY:
         known = SAE_CLASS_REGISTRY | SAE_TRAINING_CLASS_REGISTRY
         raise ValueError(f"{cfg_file}: unknown architecture {architecture!r}"
-                         f"{resolve.suggest(str(architecture), known)}; sae_lens knows "
+                         f"{located.suggest(str(architecture), known)}; sae_lens knows "
                          f"{', '.join(SAE_CLASS_REGISTRY)} (inference SAEs) and "
                          f"{', '.join(SAE_TRAINING_CLASS_REGISTRY)} (training SAEs)")
     registry = SAE_TRAINING_CLASS_REGISTRY if training else SAE_CLASS_REGISTRY
@@ -112,7 +114,7 @@ def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
     except (TypeError, ValueError, KeyError) as err:
         kind = "training " if training else ""
         raise ValueError(f"{cfg_file}: not a valid {architecture} {kind}config "
-                         f"({resolve.first_line(err)})") from None
+                         f"({located.first_line(err)})") from None
     d_in, d_sae = int(cfg.d_in), int(cfg.d_sae)
     d_out = int(getattr(cfg, "d_out", None) or d_in)
     check_weights_header(weights, {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out)})
@@ -128,7 +130,7 @@ def _read_cfg(cfg_file: Path) -> dict[str, Any]:
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"{cfg_file}: not valid JSON ({resolve.first_line(err)})") from None
+        raise ValueError(f"{cfg_file}: not valid JSON ({located.first_line(err)})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_file}: expected a JSON object")
     return raw
@@ -188,7 +190,7 @@ def check_weights_header(path: Path, shapes: dict[str, tuple[int, ...]]) -> None
             found = {name: tuple(f.get_slice(name).get_shape()) for name in shapes
                      if name in names}
     except (OSError, SafetensorError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file ({resolve.first_line(err)}); "
+        raise ValueError(f"{path}: not a readable safetensors file ({located.first_line(err)}); "
                          "a pickled or truncated file is refused") from None
     size = path.stat().st_size
     with path.open("rb") as f:

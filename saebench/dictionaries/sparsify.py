@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from saebench import hooks, resolve
+from saebench import hooks, located
 
 if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
@@ -96,7 +96,7 @@ def _read_cfg(directory: Path) -> dict[str, Any]:
                "transcode": bool(raw.get("transcode", False)),
                "skip": bool(raw.get("skip_connection", False))}
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{cfg_file}: not a sparsify config ({resolve.first_line(err)})"
+        raise ValueError(f"{cfg_file}: not a sparsify config ({located.first_line(err)})"
                          ) from None
     if cfg["activation"] not in ACTIVATIONS:
         raise ValueError(f"{cfg_file}: unknown activation {cfg['activation']!r}; sparsify "
@@ -135,13 +135,13 @@ def _hooks(spec: DictionarySpec, directory: Path, transcode: bool) -> tuple[str,
 def _inspect(spec: DictionarySpec, suite_path: Path | None
              ) -> tuple[Path, dict[str, Any], tuple[str, str]]:
     """The entry's directory, checked config and hooks; a problem is a located error."""
-    directory = resolve.local_path(spec.ref, suite_path)
+    directory = located.local_path(spec.ref, suite_path)
     try:
         cfg = _read_cfg(directory)
         check_weights_header(directory / WEIGHTS_FILE, _weight_shapes(cfg))
         return directory, cfg, _hooks(spec, directory, cfg["transcode"])
     except ValueError as err:
-        raise resolve.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
+        raise located.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
                                str(err)) from None
 
 
@@ -161,16 +161,16 @@ def _load(spec: DictionarySpec, device: str | torch.device, suite_path: Path | N
         with contextlib.redirect_stdout(sys.stderr):  # its Triton notice stays off stdout
             from sparsify import SparseCoder
     except ImportError as err:
-        raise resolve.error_at(suite_path, spec.line, field,
+        raise located.error_at(suite_path, spec.line, field,
                                f"sparsify dictionaries need EleutherAI's sparsify "
-                               f"({resolve.first_line(err)}); pip install "
+                               f"({located.first_line(err)}); pip install "
                                '"saebench[sparsify]"') from None
     try:
         coder = SparseCoder.load_from_disk(directory, device=device)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise resolve.error_at(suite_path, spec.line, field,
+        raise located.error_at(suite_path, spec.line, field,
                                f"{directory}: sparsify cannot load it "
-                               f"({resolve.first_line(err)})") from err
+                               f"({located.first_line(err)})") from err
     return SparsifyCoder(coder, read, write)
 
 
