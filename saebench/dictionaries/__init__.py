@@ -104,8 +104,9 @@ def sha256_of(paths: Iterable[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-BUILT_IN = ("zoo", "sae_lens", "sparsify", "factory")
+BUILT_IN = ("zoo", "sae_lens", "sparsify", "dictionary_learning", "factory")
 """The modules of the formats that ship with saebench, imported (and so registered) in this
-order, the order messages list them in: zoo, path, release, sparsify, factory."""
+order, the order messages list them in: zoo, path, release, sparsify, dictionary_learning,
+factory."""
 for _module in BUILT_IN:
     importlib.import_module(f"saebench.dictionaries.{_module}")
