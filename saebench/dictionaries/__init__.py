@@ -94,6 +94,21 @@ def get_format(name: str) -> Format:
                        f"{', '.join(FORMATS)}") from None
 
 
+def require_files(directory: Path, names: tuple[str, ...], kind: str, writer: str) -> None:
+    """Refuse (ValueError) a `directory` that does not hold every file of `names`, saying
+    what it holds: the first check of every directory format.
+
+        >>> require_files(Path("saes/x"), ("cfg.json", "sae.safetensors"), "sparsify",
+        ...               "SparseCoder.save_to_disk")
+    """
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    if not all((directory / name).is_file() for name in names):
+        found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
+        raise ValueError(f"{directory} is not a {kind} directory: expected "
+                         f"{' and '.join(names)} (as {writer} writes them); found {found}")
+
+
 def sha256_of(paths: Iterable[Path]) -> str:
     """A short sha256 over the bytes of `paths`, streamed: a dictionary's identity."""
     digest = hashlib.sha256()

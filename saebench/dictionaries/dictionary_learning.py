@@ -27,7 +27,13 @@ from saebench import hooks, located
 if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
 
-from saebench.dictionaries import DictionaryInfo, Format, register_format, sha256_of
+from saebench.dictionaries import (
+    DictionaryInfo,
+    Format,
+    register_format,
+    require_files,
+    sha256_of,
+)
 
 WEIGHTS_FILE = "ae.pt"
 IDENTITY_FILES = ("config.json", WEIGHTS_FILE)
@@ -92,13 +98,9 @@ class DictionaryLearningSAE(torch.nn.Module):
 
 def _read_config(directory: Path) -> dict[str, Any]:
     """The `trainer` section of the directory's config.json, its fields checked."""
+    require_files(directory, IDENTITY_FILES, "dictionary_learning",
+                  "dictionary_learning's trainers")
     cfg_file = directory / "config.json"
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory")
-    if not cfg_file.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
-        raise ValueError(f"{directory} is not a dictionary_learning directory: expected "
-                         f"config.json and {WEIGHTS_FILE}; found {found}")
     try:
         trainer = json.loads(cfg_file.read_text(encoding="utf-8"))["trainer"]
         cfg = {"dict_class": str(trainer["dict_class"]),

@@ -24,7 +24,13 @@ from saebench import located
 if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
 
-from saebench.dictionaries import DictionaryInfo, Format, register_format, sha256_of
+from saebench.dictionaries import (
+    DictionaryInfo,
+    Format,
+    register_format,
+    require_files,
+    sha256_of,
+)
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 IDENTITY_FILES = ("cfg.json", WEIGHTS_FILE)
@@ -91,14 +97,8 @@ def _probe_sae_lens_dir(directory: Path) -> dict[str, Any]:
     it loads as (batchtopk as jumprelu)."""
     from sae_lens.loading.pretrained_sae_loaders import handle_config_defaulting
 
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory")
+    require_files(directory, IDENTITY_FILES, "sae_lens dictionary", "SAE.save_model")
     cfg_file, weights = directory / "cfg.json", directory / WEIGHTS_FILE
-    found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
-    if not cfg_file.is_file() or not weights.is_file():
-        raise ValueError(f"{directory} is not a sae_lens dictionary directory: expected "
-                         f"cfg.json and {WEIGHTS_FILE} (as SAE.save_model writes them); "
-                         f"found {found}")
     raw = _read_cfg(cfg_file)
     architecture = raw.get("architecture", "standard")
     training = _is_training_cfg(raw)

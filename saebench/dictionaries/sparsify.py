@@ -26,7 +26,13 @@ from saebench import hooks, located
 if TYPE_CHECKING:
     from saebench.suite import DictionarySpec
 
-from saebench.dictionaries import DictionaryInfo, Format, register_format, sha256_of
+from saebench.dictionaries import (
+    DictionaryInfo,
+    Format,
+    register_format,
+    require_files,
+    sha256_of,
+)
 from saebench.dictionaries.sae_lens import check_weights_header
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -79,14 +85,8 @@ def sparsify_hooks(module: str, transcode: bool) -> tuple[str, str] | None:
 
 def _read_cfg(directory: Path) -> dict[str, Any]:
     """The checked fields of a sparsify directory's cfg.json; a problem is a ValueError."""
+    require_files(directory, IDENTITY_FILES, "sparsify", "SparseCoder.save_to_disk")
     cfg_file = directory / "cfg.json"
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory")
-    if not cfg_file.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        found = ", ".join(sorted(p.name for p in directory.iterdir())[:8]) or "nothing"
-        raise ValueError(f"{directory} is not a sparsify directory: expected cfg.json and "
-                         f"{WEIGHTS_FILE} (as SparseCoder.save_to_disk writes them); found "
-                         f"{found}")
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
         d_in = int(raw["d_in"])
