@@ -35,7 +35,7 @@ from saebench.api import model_hash, provenance
 from saebench.metrics.pathological import DEFAULT_DRAWS
 from saebench.metrics.registry import RANDOM, Metric, get_metric, margin_over_random
 from saebench.splice import Dictionary, FeatureEdit, position_mask, random_like
-from saebench.stats import summarize
+from saebench.stats import Summary, summarize
 from saebench.suite import (
     MARGIN_TARGETS,
     OPTIONS,
@@ -220,13 +220,14 @@ class SuiteRun:
 
     def _kept_hooks(self) -> frozenset[str]:
         """The hooks whose clean activations are kept across the engine runs of the suite's
-        groups (with the clean log-probs), so the clean model runs once per batch size; none
-        when they would take more than `CLEAN_PASS_BUDGET` bytes."""
+        groups (with the clean log-probs), so the clean model runs once per batch size: those
+        of every dictionary whose hooks and widths are known before loading (not a release's
+        or a factory's); none when they would take more than `CLEAN_PASS_BUDGET` bytes."""
         widths: dict[str, int] = {}
         for info in self.infos.values():
             for hook, width in ((info.read_hook, info.d_in), (info.write_hook, info.d_out)):
                 if hook is None or width is None:
-                    return frozenset()
+                    continue  # its runs make their own clean pass (`engine.RunMemo`)
                 widths[hook] = width
                 if hook.startswith("blocks."):
                     widths[f"blocks.{hook.split('.')[1]}.hook_resid_pre"] = self.model.cfg.d_model
@@ -601,7 +602,8 @@ class SuiteRun:
             both = {**self._terms[self._request_key(check)],
                     **{RANDOM + k: v for k, v in random_terms.items()}}
             margin = self._summarize(check, margin_over_random(metric), both)
-            values.update(random_value=self._summarize(check, metric, random_terms).value,
+            random_value = summarize(metric, random_terms, metric_options(check), n_boot=0).value
+            values.update(random_value=random_value,
                           margin=margin.value, margin_low=margin.ci_low,
                           margin_high=margin.ci_high)
             if stat_verdict == "ok" and check.threshold is not None \
@@ -613,7 +615,8 @@ class SuiteRun:
             parts=json.dumps(summary.parts, sort_keys=True),
             started_at=started, duration_s=duration())
 
-    def _summarize(self, check: Check, metric: Metric, terms: dict[str, torch.Tensor]):
+    def _summarize(self, check: Check, metric: Metric, terms: dict[str, torch.Tensor]
+                   ) -> Summary:
         return summarize(metric, terms, metric_options(check), n_boot=_options(check)["n_boot"],
                          seed=self._seed(check))
 

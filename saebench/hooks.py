@@ -13,6 +13,9 @@ its output, a transcoder reads its input and writes its output.
 
     >>> module_hooks("model.layers.6.mlp")
     ('blocks.6.ln2.hook_normalized', 'blocks.6.hook_mlp_out')
+
+dictionary_learning's demos name an activation instead of a module: `resid_post_layer_N`,
+`mlp_out_layer_N`, `attn_out_layer_N` are `blocks.N.hook_resid_post` (`activation_hook`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ _MODULES: tuple[tuple[re.Pattern[str], str, str, str], ...] = (
     (re.compile(r"^(?:layers|h)\.(\d+)\.(?:self_attn|attn|attention)$"), "layers.{n}.self_attn",
      "blocks.{n}.ln1.hook_normalized", "blocks.{n}.hook_attn_out"),
 )
+_ACTIVATION = re.compile(r"^(resid_post|mlp_out|attn_out)_layer_(\d+)$")
 FORMS = "layers.N, layers.N.mlp, layers.N.self_attn (or h.N..., with a model. prefix)"
 
 
@@ -42,6 +46,15 @@ def module_hooks(module: str) -> tuple[str, str]:
             return read.format(n=match[1]), write.format(n=match[1])
     raise ValueError(f"no TransformerLens hook is known for the module {module!r}; known "
                      f"forms: {FORMS}; give hook: (and hook_out:) in the suite")
+
+
+def activation_hook(name: str) -> str:
+    """The hook of an activation named as dictionary_learning's demos name it
+    (`resid_post_layer_3` -> `blocks.3.hook_resid_post`); ValueError for another name."""
+    match = _ACTIVATION.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not an activation name such as resid_post_layer_3")
+    return f"blocks.{match[2]}.hook_{match[1]}"
 
 
 def module_path(output_hook: str) -> str:

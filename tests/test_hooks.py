@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saebench.hooks import module_hooks, module_path
+from saebench.hooks import activation_hook, module_hooks, module_path
 
 
 @pytest.mark.parametrize(("module", "read", "write"), [
@@ -40,3 +40,15 @@ def test_an_unknown_module_is_refused_naming_the_known_forms(module):
 def test_a_hook_without_a_module_path_is_refused():
     with pytest.raises(ValueError, match="no Hugging Face module path is known"):
         module_path("blocks.1.attn.hook_z")
+
+
+@pytest.mark.parametrize(("name", "hook"), [("resid_post_layer_3", "blocks.3.hook_resid_post"),
+                                            ("mlp_out_layer_0", "blocks.0.hook_mlp_out"),
+                                            ("attn_out_layer_11", "blocks.11.hook_attn_out")])
+def test_dictionary_learning_activation_names_map_to_their_hook(name, hook):
+    assert activation_hook(name) == hook
+
+
+def test_a_name_that_is_no_activation_name_is_refused():
+    with pytest.raises(ValueError, match="not an activation name"):
+        activation_hook("resid_pre_layer")

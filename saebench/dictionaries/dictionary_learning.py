@@ -12,9 +12,9 @@ or a Hugging Face module path via `saebench.hooks`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,6 @@ from saebench.dictionaries import (
 
 WEIGHTS_FILE = "ae.pt"
 IDENTITY_FILES = ("config.json", WEIGHTS_FILE)
-_DEMO_NAME = re.compile(r"^(resid_post|mlp_out|attn_out)_layer_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -168,13 +167,11 @@ def _canonical(state: dict[str, Tensor], layout: Layout) -> dict[str, Tensor]:
 def submodule_hook(submodule: str) -> str | None:
     """The TransformerLens hook of a dictionary_learning submodule name (the output the
     dictionary reads and writes): `resid_post_layer_3`, or a module path; None otherwise."""
-    demo = _DEMO_NAME.match(submodule)
-    if demo:
-        return f"blocks.{demo[2]}.hook_{demo[1]}"
-    try:
+    with contextlib.suppress(ValueError):
+        return hooks.activation_hook(submodule)
+    with contextlib.suppress(ValueError):
         return hooks.module_hooks(submodule)[1]
-    except ValueError:
-        return None
+    return None
 
 
 def _hooks(spec: DictionarySpec, cfg: dict[str, Any]) -> tuple[str, str]:
