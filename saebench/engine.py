@@ -21,7 +21,9 @@ The output is, per request, a dict of per-sequence sums (the term contract of
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,14 +72,18 @@ class Request:
     pathological_draws: int = 0
     pathological_seed: int = 0
     pathological_baselines: tuple[str, ...] = tuple(BASELINE_TERMS)
+    layers: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.ablations) - set(ABLATIONS)
         if unknown:
             raise ValueError(f"{self.key}: unknown ablation kind(s) {sorted(unknown)}; "
                              f"choose from {', '.join(ABLATIONS)}")
-        if self.reconstruction and len(self.dictionaries) != 1:
-            raise ValueError(f"{self.key}: reconstruction metrics need exactly one dictionary")
+        if self.reconstruction and not self.single:
+            raise ValueError(f"{self.key}: reconstruction metrics need exactly one dictionary "
+                             "reading and writing one hook")
+        if self.layers and not self.downstream:
+            raise ValueError(f"{self.key}: per-layer errors need downstream=True")
         self._check_pathological()
 
     def _check_pathological(self) -> None:
@@ -89,18 +95,25 @@ class Request:
         if unknown:
             raise ValueError(f"{self.key}: unknown pathological baseline(s) {sorted(unknown)}; "
                              f"choose from {', '.join(BASELINE_TERMS)}")
-        if draws and (len(self.dictionaries) != 1 or not self.downstream):
+        if draws and (not self.single or not self.downstream):
             raise ValueError(f"{self.key}: pathological_error needs exactly one dictionary "
-                             "and downstream=True")
+                             "writing one hook, and downstream=True")
+
+    @property
+    def single(self) -> bool:
+        """Whether the request splices one dictionary that reads one hook and writes one."""
+        return len(self.dictionaries) == 1 \
+            and len(self.dictionaries[0].read_hooks) == len(self.dictionaries[0].write_hooks) == 1
 
     @property
     def write_hooks(self) -> tuple[str, ...]:
-        return tuple(d.write_hook for d in self.dictionaries)
+        """Every hook the request writes, once each, in the order of its dictionaries."""
+        return tuple(dict.fromkeys(h for d in self.dictionaries for h in d.write_hooks))
 
     @property
     def start_layer(self) -> int | None:
         """The layer a spliced pass can start at; None when a hook sits before the blocks."""
-        return _start_layer(h for d in self.dictionaries for h in (d.read_hook, d.write_hook))
+        return _start_layer(h for d in self.dictionaries for h in d.hooks)
 
 
 @dataclass
@@ -352,8 +365,7 @@ def run(
     start_layers = ({r.start_layer for r in requests if r.downstream}
                     | {_start_layer(hooks) for hooks, _ in ablation_sets}) - {None}
     cache_hooks = sorted({f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
-                         | {h for r in requests for d in r.dictionaries
-                            for h in (d.read_hook, d.write_hook)})
+                         | {h for r in requests for d in r.dictionaries for h in d.hooks})
     keep = isinstance(tokens, Tensor) and bool(memo.hooks) and set(cache_hooks) <= memo.hooks
     if keep:
         cache_hooks, needs_logits = sorted(memo.hooks), True
@@ -392,10 +404,14 @@ def run(
                 evaluated = act_mask
                 if request.downstream:
                     spliced = stacked.pop(request.key, None)
+                    written: dict[str, Tensor] = {}
                     if spliced is None:
-                        spliced = _spliced_logits(model, cache, batch, request, mask, record)
+                        spliced = _spliced_logits(model, cache, batch, request, mask, record,
+                                                  written if request.layers else None)
                     logs[request.key].add(**clean.terms_against(spliced, "spliced"),
                                           **clean.spliced_counts(mask))
+                    if request.layers:
+                        logs[request.key].add(**layer_terms(request, cache, written, mask))
                     del spliced
                     if not request.reconstruction:
                         evaluated = mask
@@ -485,9 +501,10 @@ def _ablated_logits(model, cache, batch, hooks, kind, means, token_independent) 
     return _suffix_pass(model, cache, batch, layer, fwd_hooks)
 
 
-def _spliced_logits(model, cache, batch, request: Request, mask, record) -> torch.Tensor:
+def _spliced_logits(model, cache, batch, request: Request, mask, record,
+                    written: dict | None = None) -> torch.Tensor:
     hooks = splice_hooks(request.dictionaries, error_term=request.error_term, mask=mask,
-                         edits=request.edits, record=record)
+                         edits=request.edits, record=record, written=written)
     return _suffix_pass(model, cache, batch, request.start_layer, hooks)
 
 
@@ -613,7 +630,9 @@ def health_terms(record: dict, evaluated: Tensor) -> dict[str, Tensor]:
     count_prefix, at_prefix = HEALTH_TERMS
     terms = {}
     for name, rec in record.items():
-        bad = ~torch.isfinite(rec["recon"]).flatten(2).all(-1)
+        recons = rec["recon"] if isinstance(rec["recon"], tuple) else (rec["recon"],)
+        bad = functools.reduce(operator.or_, (~torch.isfinite(r).flatten(2).all(-1)
+                                              for r in recons))
         if rec.get("feats") is not None:
             bad |= ~torch.isfinite(rec["feats"]).all(-1).reshape(bad.shape)
         bad &= evaluated.to(bad.device)
@@ -621,6 +640,28 @@ def health_terms(record: dict, evaluated: Tensor) -> dict[str, Tensor]:
         terms[count_prefix + name] = bad.sum(-1)
         terms[at_prefix + name] = first
     return terms
+
+
+def layer_terms(request: Request, cache, written: dict[str, Tensor], mask: Tensor
+                ) -> dict[str, Tensor]:
+    """Per sequence, at each write hook of the request in order, the error of what the
+    spliced pass wrote against the clean model's activation there, over the spliced
+    positions `mask`: `layer_sq_err` [b, L], `layer_sq_target` [b, L], `layer_sum_target`
+    [b, L, d] and the count `n_layer` (the `per_layer_error` terms of the registry)."""
+    hooks = request.write_hooks
+    widths = {cache[h].flatten(2).shape[-1] for h in hooks}
+    if len(widths) != 1:
+        raise ValueError(f"{request.key}: per-layer errors need write hooks of one width; "
+                         f"{', '.join(hooks)} have widths {sorted(widths)}")
+    sums = tok_metrics.sequence_sums
+    target = torch.stack([cache[h].flatten(2) for h in hooks], dim=2)  # [b, t, L, d]
+    out = torch.stack([written[h].flatten(2) for h in hooks], dim=2).to(target.dtype)
+    keep = mask.to(target.device)
+    return {"n_layer": keep.sum(-1),
+            "layer_sq_err": sums((out - target).double().pow(2).sum(-1), keep),
+            "layer_sq_target": sums(target.double().pow(2).sum(-1), keep),
+            "layer_sum_target": sums(target.double().flatten(2), keep).unflatten(
+                -1, (len(hooks), -1))}
 
 
 def _record_from_cache(cache, request: Request, act_mask, record) -> None:
@@ -660,7 +701,7 @@ def check_requests(model: HookedTransformer, requests: Sequence) -> None:
         raise ValueError(f"request keys must be unique; got {keys}")
     for request in requests:
         for d in request.dictionaries:
-            for hook in (d.read_hook, d.write_hook):
+            for hook in d.hooks:
                 if hook not in model.hook_dict:
                     raise ValueError(f"{request.key}: dictionary {d.name!r} uses hook {hook!r}, "
                                      "which the model does not have")

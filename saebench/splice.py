@@ -20,6 +20,8 @@ call here and restored afterwards, so the same object keeps working with sae_len
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -87,9 +89,30 @@ def _param_dtype(module: Any) -> torch.dtype | None:
     return None
 
 
+def _hooks_tuple(hooks: str | Sequence[str]) -> tuple[str, ...]:
+    return (hooks,) if isinstance(hooks, str) else tuple(hooks)
+
+
+def takes_input(decode: Callable[..., Any]) -> bool:
+    """Whether a `decode` method takes the input activation after the features
+    (`decode(features, x)`, the saebench protocol) rather than the features alone."""
+    try:
+        params = list(inspect.signature(decode).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
 @dataclass(frozen=True)
 class Dictionary:
-    """A dictionary adapted to one interface: encode at `read_hook`, decode for `write_hook`.
+    """A dictionary adapted to one interface: encode at `read_hooks`, decode for `write_hooks`.
+
+    Most dictionaries read one hook and write one (`read_hook`, `write_hook`); a part of a
+    replacement model may write several (a cross-layer transcoder's features of one layer
+    write every later MLP output), and then `decode` returns one reconstruction per write
+    hook. Dictionaries with the same `part_of` are parts of one replacement model: spliced
+    together, their reconstructions at a shared write hook are summed.
 
     `kind` is "sae_lens", "encode_decode" (any object with `encode`/`decode`) or "callable"
     (the object's call returns the reconstruction, or a container holding it at `output`).
@@ -98,19 +121,53 @@ class Dictionary:
     """
 
     name: str
-    read_hook: str
-    write_hook: str
+    read_hooks: tuple[str, ...]
+    write_hooks: tuple[str, ...]
     d_in: int | None
     d_out: int | None
     d_sae: int | None
     module: Any
     kind: str = "sae_lens"
     output: int | str | None = None
+    part_of: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read_hooks", _hooks_tuple(self.read_hooks))
+        object.__setattr__(self, "write_hooks", _hooks_tuple(self.write_hooks))
+        if not self.read_hooks or not self.write_hooks:
+            raise ValueError(f"dictionary {self.name!r} needs a read hook and a write hook")
+        several = len(self.read_hooks) > 1 or len(self.write_hooks) > 1
+        if several and set(self.read_hooks) & set(self.write_hooks):
+            raise ValueError(f"dictionary {self.name!r}: a dictionary with several hooks must "
+                             "read and write different ones")
+        if several and self.kind == "callable":
+            raise ValueError(f"dictionary {self.name!r}: a callable reads and writes one hook")
+
+    def _single(self, hooks: tuple[str, ...], role: str) -> str:
+        if len(hooks) != 1:
+            raise ValueError(f"dictionary {self.name!r} {role}s {len(hooks)} hooks "
+                             f"({', '.join(hooks)}), not one")
+        return hooks[0]
+
+    @property
+    def read_hook(self) -> str:
+        """The one hook the dictionary reads (ValueError when it reads several)."""
+        return self._single(self.read_hooks, "read")
+
+    @property
+    def write_hook(self) -> str:
+        """The one hook the dictionary writes (ValueError when it writes several)."""
+        return self._single(self.write_hooks, "write")
+
+    @property
+    def hooks(self) -> tuple[str, ...]:
+        """Every hook the dictionary reads or writes, once each."""
+        return tuple(dict.fromkeys(self.read_hooks + self.write_hooks))
 
     @property
     def is_transcoder(self) -> bool:
         """Whether the read and write hooks differ."""
-        return self.read_hook != self.write_hook
+        return self.read_hooks != self.write_hooks
 
     @property
     def architecture(self) -> str:
@@ -125,29 +182,38 @@ class Dictionary:
         """Whether the dictionary exposes feature activations (encode/decode)."""
         return self.kind != "callable"
 
-    def _flatten(self, x: Tensor) -> Tensor:
+    def _flatten(self, x: Tensor, hook: str) -> Tensor:
         """x as the module expects it: per-head activations flattened, width checked."""
         width = x.shape[-1]
-        if _per_head(self.read_hook) and x.dim() >= 2 and width != self.d_in:
+        if _per_head(hook) and x.dim() >= 2 and width != self.d_in:
             x, width = x.flatten(-2), x.shape[-2] * x.shape[-1]
         if self.d_in is not None and width != self.d_in:
             raise ValueError(
                 f"dictionary {self.name!r} expects width d_in={self.d_in} at "
-                f"{self.read_hook!r}, but the activation there has width {width} "
+                f"{hook!r}, but the activation there has width {width} "
                 f"(shape {tuple(x.shape)})")
         dtype = _param_dtype(self.module)
         return x if dtype is None else x.to(dtype)
 
-    def _shape_like(self, out: Tensor, like: Tensor | None) -> Tensor:
-        """The module's output shaped and typed like the activation at the write hook."""
+    def _inputs(self, x: Tensor | Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
+        """The read-hook activation(s) flattened: one tensor, or a tuple for several hooks."""
+        if len(self.read_hooks) == 1:
+            return self._flatten(x, self.read_hooks[0])
+        if isinstance(x, Tensor) or len(x) != len(self.read_hooks):
+            raise ValueError(f"dictionary {self.name!r} reads {len(self.read_hooks)} hooks; "
+                             "pass one activation per read hook")
+        return tuple(self._flatten(a, h) for a, h in zip(x, self.read_hooks, strict=True))
+
+    def shape_like(self, out: Tensor, like: Tensor | None, hook: str) -> Tensor:
+        """A reconstruction for write hook `hook` shaped and typed like the activation there."""
         if like is None:
             return out
-        per_head = _per_head(self.write_hook) and like.dim() >= 2
+        per_head = _per_head(hook) and like.dim() >= 2
         width = like.shape[-2] * like.shape[-1] if per_head else like.shape[-1]
         if out.shape[-1] != width and out.shape[-2:] != like.shape[-2:]:
             raise ValueError(
                 f"dictionary {self.name!r} writes width {out.shape[-1]} at "
-                f"{self.write_hook!r}, but the activation there has width {width} "
+                f"{hook!r}, but the activation there has width {width} "
                 f"(shape {tuple(like.shape)})")
         if per_head and out.shape[-1] == width:
             out = out.unflatten(-1, like.shape[-2:])
@@ -159,41 +225,55 @@ class Dictionary:
                 f"dictionary {self.name!r} is a callable that returns only a reconstruction; "
                 "feature metrics and feature edits need an object with encode/decode")
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Feature activations [..., d_sae] of the activation `x` as it appears at read_hook."""
+    def encode(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """Feature activations [..., d_sae] of the activation `x` as it appears at the read
+        hook (a tuple, one per read hook, for a dictionary reading several)."""
         self._require_features()
         with _native_reshaping_off(self.module):
-            feats = self.module.encode(self._flatten(x))
+            feats = self.module.encode(self._inputs(x))
         return feats.to_dense() if feats.is_sparse else feats
 
     def _needs_input(self) -> tuple[bool, bool]:
-        """(skip path, run-time normalisation state): what decoding needs the input x for."""
+        """(skip path, run-time normalisation state): what decoding needs the input x for,
+        for a module whose own `decode` takes the features alone."""
         skip = isinstance(getattr(self.module, "W_skip", None), Tensor)
         return skip, (self.kind == "sae_lens"
                       and self.module.cfg.normalize_activations in _STATEFUL_NORMS)
 
-    def decode(self, feats: Tensor, like: Tensor | None = None, *, x: Tensor | None = None
-               ) -> Tensor:
-        """Reconstruction from features, shaped and typed like `like` (the write-hook activation).
+    def decode(self, feats: Tensor, like: Tensor | Sequence[Tensor] | None = None, *,
+               x: Tensor | Sequence[Tensor] | None = None) -> Tensor | tuple[Tensor, ...]:
+        """Reconstruction from features, shaped and typed like `like` (the write-hook
+        activation; a tuple, one per write hook, for a dictionary writing several, which
+        then returns a tuple).
 
-        Skip transcoders (a module with a `W_skip` tensor: sae_lens', sparsify's) add
-        `x @ W_skip.T`, and sae_lens SAEs normalising at run time
-        ("layer_norm", "constant_norm_rescale") undo the scale of the input: both need the
-        read-hook activation `x` that the features came from.
+        A module whose `decode(features, x)` takes the input gets `x` (the saebench
+        protocol). For one that takes the features alone, skip transcoders (a `W_skip`
+        tensor: sae_lens', sparsify's) get `x @ W_skip.T` added, and sae_lens SAEs
+        normalising at run time ("layer_norm", "constant_norm_rescale") undo the input's
+        scale: both need the read-hook activation `x` that the features came from.
         """
         self._require_features()
-        skip, norm = self._needs_input()
-        if (skip or norm) and x is None:
+        with_input = takes_input(self.module.decode)
+        skip, norm = (False, False) if with_input else self._needs_input()
+        if (with_input or skip or norm) and x is None:
             raise ValueError(f"dictionary {self.name!r} needs the input activation to decode "
                              "(skip connection or run-time normalisation); pass x=")
+        inputs = self._inputs(x) if x is not None else None
         with _native_reshaping_off(self.module):
             if norm:
-                self.module.run_time_activation_norm_fn_in(self._flatten(x))
-            out = self.module.decode(feats)
+                self.module.run_time_activation_norm_fn_in(inputs)
+            out = self.module.decode(feats, inputs) if with_input else self.module.decode(feats)
         if skip:
             w_skip = self.module.W_skip
-            out = out + self._flatten(x).to(w_skip.dtype) @ w_skip.T
-        return self._shape_like(out, like)
+            out = out + inputs.to(w_skip.dtype) @ w_skip.T
+        if len(self.write_hooks) == 1:
+            return self.shape_like(out, like, self.write_hooks[0])
+        if isinstance(out, Tensor) or len(out) != len(self.write_hooks):
+            raise ValueError(f"dictionary {self.name!r} writes {len(self.write_hooks)} hooks, "
+                             "so its decode must return one reconstruction per write hook")
+        likes = like if like is not None else (None,) * len(out)
+        return tuple(self.shape_like(o, li, h)
+                     for o, li, h in zip(out, likes, self.write_hooks, strict=True))
 
     def check_edits(self, edits: Sequence[FeatureEdit]) -> tuple[FeatureEdit, ...]:
         """The edits naming this dictionary, validated (features exist, encode/decode present)."""
@@ -219,12 +299,12 @@ class Dictionary:
         return feats
 
     def _call(self, x: Tensor, like: Tensor | None) -> Tensor:
-        result = self.module(self._flatten(x))
+        result = self.module(self._flatten(x, self.read_hook))
         if self.output is None:
             if not isinstance(result, Tensor):
                 raise ValueError(f"dictionary {self.name!r} returned a {type(result).__name__}; "
                                  "name the reconstruction with output=<index or key>")
-            return self._shape_like(result, like)
+            return self.shape_like(result, like, self.write_hook)
         try:
             if isinstance(self.output, int) or isinstance(result, Mapping):
                 picked = result[self.output]
@@ -233,7 +313,7 @@ class Dictionary:
         except (IndexError, KeyError, AttributeError, TypeError) as err:
             raise ValueError(f"dictionary {self.name!r}: its output has no element "
                              f"{self.output!r} ({type(result).__name__})") from err
-        return self._shape_like(picked, like)
+        return self.shape_like(picked, like, self.write_hook)
 
     def reconstruct(self, x: Tensor, like: Tensor | None = None,
                     edits: Sequence[FeatureEdit] = ()) -> tuple[Tensor, Tensor | None]:
@@ -305,26 +385,28 @@ def as_dictionary(
     obj: Any,
     *,
     name: str | None = None,
-    hook: str | None = None,
-    hook_out: str | None = None,
+    hook: str | Sequence[str] | None = None,
+    hook_out: str | Sequence[str] | None = None,
     output: int | str | None = None,
     d_in: int | None = None,
     d_out: int | None = None,
     d_sae: int | None = None,
+    part_of: str | None = None,
 ) -> Dictionary:
     """Adapt a sae_lens SAE/transcoder, an encode/decode object or a callable to `Dictionary`.
 
-    Hooks come from `hook`/`hook_out`, else `obj.cfg.metadata.hook_name`/`hook_name_out`
-    (or `obj.cfg.hook_name`); the write hook defaults to the read hook. `output` names the
+    Hooks come from `hook`/`hook_out`, else the object's `read_hooks`/`write_hooks` (the
+    saebench protocol), else `obj.cfg.metadata.hook_name`/`hook_name_out` (or
+    `obj.cfg.hook_name`); the write hooks default to the read hook. `output` names the
     reconstruction in what the object's call returns (index, key or attribute) and makes
     the call, not encode/decode, the reconstruction path, as for older research code:
 
         >>> as_dictionary(autoencoder, hook="blocks.0.mlp.hook_post", output=1)
     """
     if isinstance(obj, Dictionary):
-        write = obj.write_hook if obj.is_transcoder else hook or obj.write_hook
-        return replace(obj, name=name or obj.name, read_hook=hook or obj.read_hook,
-                       write_hook=hook_out or write)
+        write = obj.write_hooks if obj.is_transcoder else hook or obj.write_hooks
+        return replace(obj, name=name or obj.name, read_hooks=hook or obj.read_hooks,
+                       write_hooks=hook_out or write, part_of=part_of or obj.part_of)
     from sae_lens import SAE
 
     is_sae_lens = isinstance(obj, SAE)
@@ -339,14 +421,16 @@ def as_dictionary(
         raise TypeError(f"cannot adapt {type(obj).__name__} as a dictionary: it needs "
                         "encode/decode methods or must be callable")
     label = name or type(obj).__name__
-    read = hook or _cfg_value(obj, "hook_name")
+    read = hook or getattr(obj, "read_hooks", None) or _cfg_value(obj, "hook_name")
     if not read:
         raise ValueError(f"no read hook for dictionary {label!r}: pass hook=... or set "
-                         "cfg.metadata.hook_name (sae_lens) or cfg.hook_name")
+                         "read_hooks, cfg.metadata.hook_name (sae_lens) or cfg.hook_name")
     if is_sae_lens and obj.cfg.metadata.hook_head_index is not None:
         raise ValueError(f"dictionary {label!r} is a single-head SAE (hook_head_index="
                          f"{obj.cfg.metadata.hook_head_index}), which splicing does not support")
-    write = hook_out or _cfg_value(obj, "hook_name_out") or read
+    read = _hooks_tuple(read)
+    write = _hooks_tuple(hook_out or getattr(obj, "write_hooks", None)
+                         or _cfg_value(obj, "hook_name_out") or read)
     d_in = d_in or _cfg_value(obj, "d_in") or _weight_dim(obj, "W_enc", 0)
     d_out = d_out or _cfg_value(obj, "d_out") or _weight_dim(obj, "W_dec", 1)
     if d_out is None and write == read:
@@ -359,9 +443,9 @@ def as_dictionary(
         if d_sae is None:
             raise ValueError(f"cannot tell the number of features of {label!r}; pass d_sae=")
     if name is None:
-        name = read if write == read else f"{read}->{write}"
-    return Dictionary(name=name, read_hook=read, write_hook=write, d_in=d_in, d_out=d_out,
-                      d_sae=d_sae, module=obj, kind=kind, output=output)
+        name = ",".join(read) if write == read else f"{','.join(read)}->{','.join(write)}"
+    return Dictionary(name=name, read_hooks=read, write_hooks=write, d_in=d_in, d_out=d_out,
+                      d_sae=d_sae, module=obj, kind=kind, output=output, part_of=part_of)
 
 
 def _broadcast_mask(mask: Tensor, act: Tensor, hook: str) -> Tensor:
@@ -427,40 +511,106 @@ def _check_range(positions: Tensor, seq_len: int) -> None:
                          f"{seq_len} (valid: {-seq_len}..{seq_len - 1})")
 
 
-def _splice_hook(d: Dictionary, state: dict[str, Tensor], *, error_term: bool,
-                 mask: Tensor | None, edits: tuple[FeatureEdit, ...],
-                 record: dict | None) -> Hook:
-    """The write-hook function: replace the activation with the reconstruction."""
+class _Splice:
+    """One dictionary's part of a spliced pass: it keeps the activations at its read hooks
+    (from the pass itself, so upstream splices reach it), reconstructs when its first write
+    hook runs (in every pass, so nothing of a pass cut short is reused), and gives each
+    write hook its reconstruction."""
+
+    def __init__(self, d: Dictionary, edits: tuple[FeatureEdit, ...], error_term: bool,
+                 record: dict | None) -> None:
+        self.d, self.edits, self.error_term, self.record = d, edits, error_term, record
+        self.reads: dict[str, Tensor] = {}
+        self.pending: dict[str, tuple[Tensor, Tensor | None]] = {}
+
+    def capture(self, hook_name: str) -> Hook:
+        def hook_fn(act: Tensor, hook: Any) -> None:
+            self.reads[hook_name] = act
+
+        return hook_fn
+
+    def _input(self, hook_name: str, act: Tensor) -> Tensor | tuple[Tensor, ...]:
+        d = self.d
+        if not d.is_transcoder:
+            return act
+        missing = [h for h in d.read_hooks if h not in self.reads]
+        if missing:
+            raise RuntimeError(
+                f"dictionary {d.name!r}: the write hook {hook_name!r} ran before the read "
+                f"hook {missing[0]!r}; start the pass at or before the read hook's layer")
+        x = tuple(self.reads.pop(h) for h in d.read_hooks)
+        return x[0] if len(x) == 1 else x
+
+    def _reconstruct(self, hook_name: str, act: Tensor) -> None:
+        """Encode and decode for every write hook: (reconstruction, unedited one or None)."""
+        d, x = self.d, self._input(hook_name, act)
+        clean = None
+        if d.has_features:
+            feats = d.apply_edits(raw := d.encode(x), self.edits)
+            recon = d.decode(feats, x=x)
+            if self.error_term and self.edits:
+                clean = d.decode(raw, x=x)
+        else:
+            feats, recon = None, d._call(x, None)
+        many = len(d.write_hooks) > 1
+        recons = recon if many else (recon,)
+        cleans = (clean if many else (clean,)) if clean is not None else (None,) * len(recons)
+        self.pending = dict(zip(d.write_hooks, zip(recons, cleans, strict=True), strict=True))
+        if self.record is not None:
+            self.record[d.name] = {"x": x, "feats": feats, "recon": recon}
+
+    def at(self, hook_name: str, act: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(reconstruction, unedited reconstruction or None) for the write hook `hook_name`,
+        shaped like its activation `act`."""
+        if hook_name not in self.pending:
+            self._reconstruct(hook_name, act)
+        recon, clean = self.pending.pop(hook_name)
+        shaped = self.d.shape_like(recon, act, hook_name)
+        if self.record is not None and len(self.d.write_hooks) == 1:
+            self.record[self.d.name].update(target=act, recon=shaped)
+        return shaped, None if clean is None else self.d.shape_like(clean, act, hook_name)
+
+
+def _write_hook(hook_name: str, splices: list[_Splice], *, error_term: bool,
+                mask: Tensor | None, written: dict | None) -> Hook:
+    """The write-hook function: the activation replaced by the sum of the reconstructions of
+    the dictionaries writing there (one, or the parts of a replacement model)."""
 
     def hook_fn(act: Tensor, hook: Any) -> Tensor:
-        x = state.pop("x", None) if d.is_transcoder else act
-        if x is None:
-            raise RuntimeError(
-                f"dictionary {d.name!r}: the write hook {d.write_hook!r} ran before the read "
-                f"hook {d.read_hook!r}; start the pass at or before the read hook's layer")
-        clean_recon = None
-        if d.has_features:
-            feats = d.encode(x)
-            edited = d.apply_edits(feats, edits)
-            recon = d.decode(edited, act, x=x)
-            if error_term and edits:
-                clean_recon = d.decode(feats, act, x=x)
-            feats = edited
-        else:
-            feats, recon = None, d._call(x, act)
+        pairs = [s.at(hook_name, act) for s in splices]
         if not error_term:
-            out = recon
-        elif clean_recon is None:
-            out = act
+            out = functools.reduce(operator.add, (r for r, _ in pairs))
+        elif any(c is not None for _, c in pairs):
+            out = act + functools.reduce(operator.add, (r - c for r, c in pairs if c is not None))
         else:
-            out = act + (recon - clean_recon)
+            out = act
         if mask is not None and out is not act:
-            out = torch.where(_broadcast_mask(mask, act, d.write_hook), out, act)
-        if record is not None:
-            record[d.name] = {"x": x, "target": act, "recon": recon, "feats": feats, "out": out}
+            out = torch.where(_broadcast_mask(mask, act, hook_name), out, act)
+        for s in splices:
+            if s.record is not None and len(s.d.write_hooks) == 1:
+                s.record[s.d.name]["out"] = out
+        if written is not None:
+            written[hook_name] = out
         return out
 
     return hook_fn
+
+
+def _check_shared(dictionaries: Sequence[Dictionary]) -> None:
+    """Names are unique, and a write hook is shared only by parts of one replacement model."""
+    names = [d.name for d in dictionaries]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    writers: dict[str, set[str | None]] = {}
+    for d in dictionaries:
+        for hook in d.write_hooks:
+            writers.setdefault(hook, set()).add(d.part_of)
+    counts = {h: sum(h in d.write_hooks for d in dictionaries) for h in writers}
+    shared = sorted(h for h, n in counts.items()
+                    if n > 1 and (len(writers[h]) > 1 or None in writers[h]))
+    for label, values in (("name", repeated), ("write hook", shared)):
+        if values:
+            raise ValueError(f"several dictionaries share the {label} {values}; splice "
+                             "them in separate passes")
 
 
 def splice_hooks(
@@ -470,45 +620,42 @@ def splice_hooks(
     mask: Tensor | None = None,
     edits: Sequence[FeatureEdit] = (),
     record: dict | None = None,
+    written: dict | None = None,
 ) -> list[tuple[str, Hook]]:
-    """`fwd_hooks` that splice each dictionary in at its write hook, where `mask` is True.
+    """`fwd_hooks` that splice each dictionary in at its write hooks, where `mask` is True.
 
-    Elsewhere the original activation is kept (mask None = every position). With
-    `error_term` the written activation is `original + (recon_edited - recon)`: exactly the
-    clean activation without edits, the edits' effect on top of the error with them. Edits
-    naming dictionaries not in the list are ignored. With `record` a dict, each dictionary
-    stores `record[name] = {"x", "target", "recon", "feats", "out"}`: read activation,
-    original write-hook activation, reconstruction after edits, decoded features (None for
-    callables) and what was written.
+    Elsewhere the original activation is kept (mask None = every position). Each dictionary
+    reads its input from the pass itself, so in a set spliced together a later dictionary
+    sees what earlier ones wrote (errors compound, as in a replacement model); parts of one
+    replacement model (`Dictionary.part_of`) writing one hook have their reconstructions
+    summed. With `error_term` the written activation is `original + (recon_edited - recon)`:
+    exactly the clean activation without edits, the edits' effect on top of the error with
+    them. Edits naming dictionaries not in the list are ignored. With `record` a dict, each
+    dictionary stores `record[name] = {"x", "feats", "recon"}` (read activation, decoded
+    features after edits, None for callables, and reconstruction; a tuple for several write
+    hooks) and, writing one hook, `"target"` and `"out"` (the original activation there and
+    what was written). With `written` a dict, `written[hook]` is what each write hook got.
 
         >>> logits = model.run_with_hooks(resid, start_at_layer=1,
         ...                               fwd_hooks=splice_hooks([d1, d2], mask=mask))
     """
-    names = [d.name for d in dictionaries]
-    writes = [d.write_hook for d in dictionaries]
-    for label, values in (("name", names), ("write hook", writes)):
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        if repeated:
-            raise ValueError(f"several dictionaries share the {label} {repeated}; splice "
-                             "them in separate passes")
-    hooks: list[tuple[str, Hook]] = []
+    _check_shared(dictionaries)
+    hooks: list[tuple[str, Hook | None]] = []
+    writers: dict[str, list[_Splice]] = {}
     for d in dictionaries:
         own = d.check_edits(edits)
-        if error_term and not own and record is None:
+        if error_term and not own and record is None and written is None:
             continue
-        state: dict[str, Tensor] = {}
+        part = _Splice(d, own, error_term, record)
         if d.is_transcoder:
-            hooks.append((d.read_hook, _capture_hook(state)))
-        hooks.append((d.write_hook, _splice_hook(d, state, error_term=error_term, mask=mask,
-                                                 edits=own, record=record)))
-    return hooks
-
-
-def _capture_hook(state: dict[str, Tensor]) -> Hook:
-    def hook_fn(act: Tensor, hook: Any) -> None:
-        state["x"] = act
-
-    return hook_fn
+            hooks.extend((h, part.capture(h)) for h in d.read_hooks)
+        for h in d.write_hooks:
+            if h not in writers:
+                writers[h] = []
+                hooks.append((h, None))
+            writers[h].append(part)
+    return [(h, fn or _write_hook(h, writers[h], error_term=error_term, mask=mask,
+                                  written=written)) for h, fn in hooks]
 
 
 def _mean_like(mean: Tensor, act: Tensor, hook: str) -> Tensor:
