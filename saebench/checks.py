@@ -33,7 +33,13 @@ import torch
 from saebench import engine, resolve, results, tasks
 from saebench.api import model_hash, provenance
 from saebench.metrics.pathological import DEFAULT_DRAWS
-from saebench.metrics.registry import RANDOM, Metric, get_metric, margin_over_random
+from saebench.metrics.registry import (
+    LAYER_TERMS,
+    RANDOM,
+    Metric,
+    get_metric,
+    margin_over_random,
+)
 from saebench.splice import Dictionary, FeatureEdit, position_mask, random_like
 from saebench.stats import Summary, summarize
 from saebench.suite import (
@@ -51,6 +57,11 @@ CLEAN_PASS_BUDGET = 2 << 30
 once for all its groups (the toy suite needs about 0.5 GB); above it, each group runs it."""
 MESSAGE_LIMIT = 600
 """A message in a result row or a failure is cut to about this many characters."""
+
+
+ONE_HOOK_METRICS = ("pathological_error", "remainder_dla", "feature_ablation")
+"""Metrics besides the reconstruction ones that need a dictionary with one read and one
+write hook (not a replacement model)."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,7 @@ class SuiteRun:
         self.provenance: dict[str, Any] = {}
         self.device: torch.device | None = None
         self._task_hashes: dict[str, str] = {}
-        self._dictionaries: dict[str, Dictionary] = {}
+        self._dictionaries: dict[str, tuple[Dictionary, ...]] = {}
         self._prompt_lengths: dict[str, list[int]] = {}
         self._problems: dict[str, Problem] = {}
         self._prepared = False
@@ -225,8 +236,9 @@ class SuiteRun:
         or a factory's); none when they would take more than `CLEAN_PASS_BUDGET` bytes."""
         widths: dict[str, int] = {}
         for info in self.infos.values():
-            for hook, width in ((info.read_hook, info.d_in), (info.write_hook, info.d_out)):
-                if hook is None or width is None:
+            for hook, width in (*((h, info.d_in) for h in info.read_hooks),
+                                *((h, info.d_out) for h in info.write_hooks)):
+                if width is None:
                     continue  # its runs make their own clean pass (`engine.RunMemo`)
                 widths[hook] = width
                 if hook.startswith("blocks."):
@@ -282,16 +294,19 @@ class SuiteRun:
         except (SuiteError, ValueError) as err:
             self._problems[f"dictionary:{name}"] = Problem("error", short(err))
 
-    def _load_dictionary(self, name: str, device: torch.device | str) -> Dictionary:
-        """Load, adapt and validate one dictionary; a failure is kept as its Problem."""
+    def _load_dictionary(self, name: str, device: torch.device | str
+                         ) -> tuple[Dictionary, ...]:
+        """Load, adapt and validate one dictionary entry (its parts: one, or a replacement
+        model's layers); a failure is kept as its Problem."""
         spec = self.suite.dictionaries[name]
         file, where = str(self.suite.path), f"dictionaries.{name}"
         try:
             raw = resolve.resolve_dictionary(spec, device=device, suite_path=self.suite.path,
                                              allow_factory=self.suite.allow_factory)
-            adapted = resolve.adapt(spec, raw)
-            validate_dictionary(file, spec, self.model, (adapted.read_hook, adapted.d_in),
-                                (adapted.write_hook, adapted.d_out))
+            parts = resolve.adapt(spec, raw)
+            for part in parts:
+                validate_dictionary(file, spec, self.model, (",".join(part.read_hooks), part.d_in),
+                                    (",".join(part.write_hooks), part.d_out))
         except resolve.HubUnavailable as err:
             self._problems[f"dictionary:{name}"] = Problem(
                 "skipped", f"needs a model or dataset hub: {short(err)}")
@@ -305,12 +320,17 @@ class SuiteRun:
                 message = f"{file}:{spec.line}: {where}: cannot load ({message})"
             self._problems[f"dictionary:{name}"] = Problem("error", message)
             raise SuiteError(file, spec.line, where, message) from None
-        self._dictionaries[name] = adapted
+        self._dictionaries[name] = parts
         known = self.infos.get(name)
+        d_sae = [p.d_sae for p in parts]
         self.infos[name] = resolve.DictionaryInfo(
-            adapted.read_hook, adapted.write_hook, adapted.d_in, adapted.d_out, adapted.d_sae,
-            known.identity if known is not None else {}, adapted.architecture)
-        return adapted
+            ",".join(dict.fromkeys(h for p in parts for h in p.read_hooks)),
+            ",".join(dict.fromkeys(h for p in parts for h in p.write_hooks)),
+            parts[0].d_in, parts[0].d_out, None if None in d_sae else sum(d_sae),
+            known.identity if known is not None else {},
+            known.architecture if len(parts) > 1 and known is not None
+            else parts[0].architecture)
+        return parts
 
     def _prepare_check(self, check: Check) -> None:
         """Check-level problems that need widths or token shapes: feature ids in range,
@@ -333,6 +353,15 @@ class SuiteRun:
         positions = opts["positions"]
         if not isinstance(positions, str):
             problem = problem or self._position_problem(check, positions, where)
+        metric = get_metric(check.metric)
+        several = [n for n in check.dictionaries if n in self.infos and not self.infos[n].single]
+        if several and (metric.kind == "reconstruction" or check.metric in ONE_HOOK_METRICS):
+            info = self.infos[several[0]]
+            problem = problem or (
+                f"{self.suite.path}:{check.line}: {check.where or check.id}: {check.metric} "
+                f"needs a dictionary that reads one hook and writes one; {several[0]!r} is a "
+                f"replacement model writing {len(info.write_hooks)} hooks (per_layer_error "
+                "gives its error at each)")
         if problem:
             self._problems[f"check:{check.id}"] = Problem("error", problem)
 
@@ -456,13 +485,17 @@ class SuiteRun:
         for key, request in zip(groups, requests, strict=True):
             self._terms.setdefault(key, {}).update(terms[request.key])
 
+    def _parts(self, names: tuple[str, ...]) -> tuple[Dictionary, ...]:
+        """The dictionaries spliced for a check on the entries `names` (every part of each)."""
+        return tuple(part for name in names for part in self._dictionaries[name])
+
     def _task_request(self, index: int, key: tuple, group: list[Check]) -> tasks.TaskRequest:
         options = [_options(c) for c in group]
         metrics = {c.metric for c in group}
         first = group[0]
         return tasks.TaskRequest(
             key=f"{index}:" + "+".join(key[0]),
-            dictionaries=tuple(self._dictionaries[name] for name in key[0]),
+            dictionaries=self._parts(key[0]),
             ablations=tuple(sorted({o["normalize"] for o in options} - {"none"})) or ("zero",),
             error_term=options[0]["error_term"],
             positions=options[0]["positions"],
@@ -474,7 +507,7 @@ class SuiteRun:
         )
 
     def _request(self, index: int, key: tuple, group: list[Check]) -> engine.Request:
-        dictionaries = tuple(self._dictionaries[name] for name in key[0])
+        dictionaries = self._parts(key[0])
         if key[5] and key[5][0][0] == "random":
             return self._random_request(index, key, group, dictionaries)
         metrics = [get_metric(c.metric) for c in group]
@@ -484,8 +517,8 @@ class SuiteRun:
             key=f"{index}:" + "+".join(key[0]),
             dictionaries=dictionaries,
             downstream=any(m.kind == "downstream" for m in metrics),
-            reconstruction=len(dictionaries) == 1
-            and any(m.kind == "reconstruction" for m in metrics),
+            reconstruction=any(m.kind == "reconstruction" for m in metrics),
+            layers=any(set(LAYER_TERMS) <= set(_needed_terms(c)) for c in group),
             ablations=tuple(sorted({o["ablation"] for o in options})),
             error_term=options[0]["error_term"],
             positions=None if positions == "all" else positions,

@@ -9,7 +9,7 @@ directory.
     ...                       suite_path=suite.path, dictionaries=suite.dictionaries.values())
     >>> tokens = resolve_tokens(suite.data, model, suite_path=suite.path)
     >>> spec = suite.dictionaries["resid-L2-topk16"]
-    >>> d = adapt(spec, resolve_dictionary(spec, device="cpu", suite_path=suite.path))
+    >>> (d,) = adapt(spec, resolve_dictionary(spec, device="cpu", suite_path=suite.path))
 
 A download that is needed and fails (offline, missing, gated) raises `HubUnavailable`,
 naming the suite entry and what was being fetched; nothing here sets environment
@@ -430,10 +430,12 @@ def probe_dictionary(spec: DictionarySpec, *, suite_path: Path | None = None) ->
     return get_format(spec.kind).probe(spec, suite_path)
 
 
-def adapt(spec: DictionarySpec, obj: Any) -> splice.Dictionary:
-    """`obj` as a `splice.Dictionary` named after the entry, with its `hook` and `hook_out`
-    overrides."""
-    return splice.as_dictionary(obj, name=spec.name, hook=spec.hook, hook_out=spec.hook_out)
+def adapt(spec: DictionarySpec, obj: Any) -> tuple[splice.Dictionary, ...]:
+    """`obj` as the entry's parts: one `splice.Dictionary` named after the entry, with its
+    `hook` and `hook_out` overrides, or the parts a replacement model's format made."""
+    if isinstance(obj, tuple) and obj and all(isinstance(p, splice.Dictionary) for p in obj):
+        return obj
+    return (splice.as_dictionary(obj, name=spec.name, hook=spec.hook, hook_out=spec.hook_out),)
 
 
 # ---------------------------------------------------------------------------- tasks

@@ -1281,8 +1281,8 @@ def validate_resolved(suite: Suite, model: Any, dictionaries: Mapping[str, Any],
         except (TypeError, ValueError) as err:
             raise SuiteError(file, spec.line, f"dictionaries.{name}",
                              f"cannot use what was loaded: {err}") from None
-        validate_dictionary(file, spec, model, (adapted.read_hook, adapted.d_in),
-                            (adapted.write_hook, adapted.d_out))
+        validate_dictionary(file, spec, model, (",".join(adapted.read_hooks), adapted.d_in),
+                            (",".join(adapted.write_hooks), adapted.d_out))
     if suite.data.context is not None and suite.data.context > model.cfg.n_ctx:
         raise SuiteError(file, suite.data.line, "data.context",
                          f"{suite.data.context} is longer than the model's n_ctx "
@@ -1294,23 +1294,30 @@ def validate_resolved(suite: Suite, model: Any, dictionaries: Mapping[str, Any],
 def validate_dictionary(file: str, spec: DictionarySpec, model: Any,
                         reads: tuple[str | None, int | None],
                         writes: tuple[str | None, int | None]) -> None:
-    """The hooks a dictionary reads and writes, (hook, width) each, fit the model: the hook
-    exists and, where both are known, the widths agree. A SuiteError at the entry if not."""
+    """The hooks a dictionary reads and writes, (hooks, width) each, fit the model: every
+    hook exists and, where both are known, the widths agree. `hooks` is one hook name, a
+    replacement model's comma-separated list, or None (unknown). A SuiteError at the entry
+    if not."""
     where = f"dictionaries.{spec.name}"
-    for role, (hook, width) in (("reads", reads), ("writes", writes)):
-        if hook is None:
-            continue
-        if hook not in model.hook_dict:
-            close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
-            hint = f"; similar hooks: {', '.join(close)}" if close else ""
-            raise SuiteError(file, spec.line, where,
-                             f"{role} hook {_quote(hook)}, which the model does not have{hint}")
-        expected = hook_width(model.cfg, hook)
-        if width is not None and expected is not None and int(width) != expected[0]:
-            size = "d_in" if role == "reads" else "d_out"
-            raise SuiteError(file, spec.line, where,
-                             f"{size}={width}, but the model's activation at {hook!r} has "
-                             f"width {expected[0]} ({expected[1]})")
+    for role, (hooks, width) in (("reads", reads), ("writes", writes)):
+        for hook in hooks.split(",") if hooks else ():
+            _validate_hook(file, spec, model, where, role, hook, width)
+
+
+def _validate_hook(file: str, spec: DictionarySpec, model: Any, where: str, role: str,
+                   hook: str, width: int | None) -> None:
+    """One hook of a dictionary exists in the model with the width the dictionary says."""
+    if hook not in model.hook_dict:
+        close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
+        hint = f"; similar hooks: {', '.join(close)}" if close else ""
+        raise SuiteError(file, spec.line, where,
+                         f"{role} hook {_quote(hook)}, which the model does not have{hint}")
+    expected = hook_width(model.cfg, hook)
+    if width is not None and expected is not None and int(width) != expected[0]:
+        size = "d_in" if role == "reads" else "d_out"
+        raise SuiteError(file, spec.line, where,
+                         f"{size}={width}, but the model's activation at {hook!r} has "
+                         f"width {expected[0]} ({expected[1]})")
 
 
 def validate_task(file: str, spec: TaskSpec, model: Any, prompts: list) -> None:

@@ -57,7 +57,7 @@ def test_zoo_model_tokens_dictionary_and_task(zoo_model):
     assert torch.equal(resolve.resolve_tokens(DataSpec(), zoo_model),
                        loading.load_heldout_tokens())
     spec = DictionarySpec("mine", "zoo", "resid-L2-topk16", hook="blocks.2.hook_resid_pre")
-    d = resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
+    (d,) = resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
     assert (d.name, d.read_hook, d.d_in) == ("mine", "blocks.2.hook_resid_pre", 128)
     prompts = resolve.resolve_task(TaskSpec("ioi", "zoo", "ioi"))
     assert prompts == loading.load_task("ioi")
@@ -91,7 +91,7 @@ def test_path_dictionary_relative_to_the_suite(suite_path):
     spec = DictionarySpec("mine", "path", "saes/mine", line=9)
     loaded = resolve.resolve_dictionary(spec, device="cpu", suite_path=suite_path)
     assert isinstance(loaded, SAE) and torch.equal(loaded.W_enc, sae.W_enc)
-    d = resolve.adapt(spec, loaded)
+    (d,) = resolve.adapt(spec, loaded)
     assert (d.read_hook, d.d_sae) == ("blocks.1.hook_resid_pre", 32)
 
 
@@ -444,7 +444,7 @@ def test_factory_needs_permission_and_builds_the_object(tmp_path, monkeypatch):
     with pytest.raises(SuiteError, match="dictionaries.ident: .*set allow_factory: true"):
         resolve.resolve_dictionary(spec, device="cpu", suite_path=tmp_path / "s.yaml")
     obj = resolve.resolve_dictionary(spec, device="cpu", allow_factory=True)
-    d = resolve.adapt(spec, obj)
+    (d,) = resolve.adapt(spec, obj)
     assert (d.name, d.read_hook, d.write_hook) == ("ident", *(["blocks.0.hook_resid_pre"] * 2))
     missing = DictionarySpec("m", "factory", "my_factories:nope", line=12)
     with pytest.raises(ValueError, match="cannot import factory 'my_factories:nope'"):

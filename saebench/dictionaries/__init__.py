@@ -3,7 +3,8 @@
 A format is the YAML key of a dictionary entry (`zoo:`, `path:`, `release:`, `factory:`),
 the further keys it takes, how its value is checked when the suite is parsed, and two
 functions: `probe` reads what the entry's files say without loading weights (hooks, widths,
-identity), `load` returns the live object, which `saebench.splice.as_dictionary` adapts.
+identity), `load` returns the live object, which `saebench.splice.as_dictionary` adapts (or,
+for a replacement model, a tuple of adapted `splice.Dictionary` parts).
 Every entry may also give `hook:` and `hook_out:` (its read and write hooks). A new format
 is one module that calls `register_format`:
 
@@ -34,8 +35,10 @@ class DictionaryInfo:
     """What a dictionary entry's files say before its weights are loaded.
 
     Hooks and widths are None where the format does not say without loading (releases,
-    factories); `identity` names exactly which dictionary this is (its source and a hash
-    of its files), so a stored result can be matched to it.
+    factories); a replacement model (several parts, one per layer) lists its hooks
+    comma-separated and counts the features of every part in `d_sae`; `identity` names
+    exactly which dictionary this is (its source and a hash of its files), so a stored
+    result can be matched to it.
     """
 
     read_hook: str | None
@@ -45,6 +48,22 @@ class DictionaryInfo:
     d_sae: int | None
     identity: dict[str, str]
     architecture: str | None = None
+
+    @property
+    def read_hooks(self) -> tuple[str, ...]:
+        """The hooks read (a replacement model's `read_hook` lists several, comma-separated)."""
+        return tuple(self.read_hook.split(",")) if self.read_hook else ()
+
+    @property
+    def write_hooks(self) -> tuple[str, ...]:
+        """The hooks written, as `read_hooks`."""
+        return tuple(self.write_hook.split(",")) if self.write_hook else ()
+
+    @property
+    def single(self) -> bool:
+        """Whether the entry reads one hook and writes one (not a replacement model); True
+        while its hooks are unknown."""
+        return len(self.read_hooks) <= 1 and len(self.write_hooks) <= 1
 
 
 @dataclass(frozen=True)
@@ -119,9 +138,9 @@ def sha256_of(paths: Iterable[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-BUILT_IN = ("zoo", "sae_lens", "sparsify", "dictionary_learning", "factory")
+BUILT_IN = ("zoo", "sae_lens", "sparsify", "dictionary_learning", "circuit_tracer", "factory")
 """The modules of the formats that ship with saebench, imported (and so registered) in this
 order, the order messages list them in: zoo, path, release, sparsify, dictionary_learning,
-factory."""
+circuit_tracer, factory."""
 for _module in BUILT_IN:
     importlib.import_module(f"saebench.dictionaries.{_module}")

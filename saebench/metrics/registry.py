@@ -20,7 +20,9 @@ Term names (the contract with the engine; all float64 per-sequence sums):
   `ce_mean` (sums of per-token CE); over every position whose input token is not special
   (the last one too, as sae_lens does): `n_kl` (count), `kl_spliced`, `kl_zero`, `kl_mean`
   (sums of per-token KL(clean ‖ variant)), `agree_spliced` (positions whose top-1 next
-  token is the clean model's).
+  token is the clean model's); at each of the L write hooks of the spliced pass, over the
+  spliced positions (`n_layer`, count): `layer_sq_err` [L] (Σ‖written − clean‖²),
+  `layer_sq_target` [L], `layer_sum_target` [L, d].
 - reconstruction, over activation positions (input token not special): `n_act` (count),
   `l0`, `sq_err`, `sq_target`, `sum_target` (width d), `sq_recon`, `dot`, `cossim`,
   `l2_ratio`, `feature_counts` (width d_sae: positions where each feature is active).
@@ -61,6 +63,7 @@ NON_NEGATIVE = (0.0, math.inf)
 DOWNSTREAM_TERMS = ("n_pred", "ce_clean", "ce_spliced", "ce_zero", "ce_mean",
                     "n_kl", "kl_spliced", "kl_zero", "kl_mean", "kl_eps_iso", "kl_eps_cov",
                     "agree_spliced")
+LAYER_TERMS = ("n_layer", "layer_sq_err", "layer_sq_target", "layer_sum_target")
 RECONSTRUCTION_TERMS = ("n_act", "l0", "sq_err", "sq_target", "sum_target", "sq_recon", "dot",
                         "cossim", "l2_ratio", "feature_counts")
 VECTOR_TERMS = ("sum_target", "feature_counts")
@@ -440,4 +443,40 @@ register_metric(Metric(
     parts_of=lambda s, o: {"n_features": s["n_act"].new_tensor(s["feature_counts"].shape[-1]),
                            "dense_threshold": s["n_act"].new_tensor(dense_threshold(o))},
     bounds=FRACTION,
+))
+
+
+def layer_errors(s: Terms) -> Tensor:
+    """Normalised MSE at each write hook [..., L]: Σ‖written − clean‖² / Σ‖clean − mean‖²."""
+    variance = s["layer_sq_target"] - s["layer_sum_target"].pow(2).sum(-1) / s["n_layer"][..., None]
+    return s["layer_sq_err"] / variance
+
+
+def _layer_choice(s: Terms, o: Options) -> Tensor:
+    errors = layer_errors(s)
+    layer = o.get("layer", "max")
+    if layer == "max":
+        return errors.max(-1).values
+    if isinstance(layer, bool) or not isinstance(layer, int) \
+            or not -errors.shape[-1] <= layer < errors.shape[-1]:
+        raise ValueError(f"layer must be 'max' or an index among the {errors.shape[-1]} write "
+                         f"hooks, got {layer!r}")
+    return errors[..., layer]
+
+
+register_metric(Metric(
+    name="per_layer_error",
+    terms=_fixed(*LAYER_TERMS),
+    aggregate=_layer_choice,
+    higher_is_better=False,
+    description="Normalised MSE Σ‖x̂ − x‖² / Σ‖x − x̄‖² at each write hook of a splice, x̂ what "
+                "the spliced pass wrote there and x the clean model's activation, with every "
+                "dictionary spliced at once (a replacement model: errors compound, each layer "
+                "reading the spliced model). The value is the worst write hook (option "
+                "`layer`: an index for one); each hook's value is in the parts and, one row "
+                "per layer, in layers.csv.",
+    kind="downstream",
+    count="n_layer",
+    parts_of=lambda s, o: {f"layer_{i}": v for i, v in enumerate(layer_errors(s).unbind(-1))},
+    bounds=NON_NEGATIVE,
 ))

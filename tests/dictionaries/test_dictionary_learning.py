@@ -63,7 +63,8 @@ def _spec(directory: Path, hook: str | None = None, line: int = 0) -> Dictionary
 
 
 def _loaded(spec: DictionarySpec) -> Dictionary:
-    return resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
+    (d,) = resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
+    return d
 
 
 def _reference(dict_class: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

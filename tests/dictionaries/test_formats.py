@@ -79,7 +79,7 @@ def test_the_parser_takes_keys_and_messages_from_the_registry(tmp_path, named_fo
         """))
     with pytest.raises(SuiteError, match=r"give exactly one of zoo:, path:, release: \(with "
                                          r"sae_id:\), sparsify:, dictionary_learning:, "
-                                         r"factory: or named:$"):
+                                         r"circuit_tracer:, factory: or named:$"):
         load_suite(tmp_path / "s.yaml")
 
 
@@ -103,8 +103,8 @@ def test_registering_a_name_twice_or_asking_for_an_unknown_one_is_refused(named_
         register_format(named_format)
     assert register_format(named_format, replace=True) is named_format
     with pytest.raises(KeyError, match="unknown dictionary format 'nope'; known: zoo, path, "
-                                       "release, sparsify, dictionary_learning, factory, "
-                                       "named"):
+                                       "release, sparsify, dictionary_learning, "
+                                       "circuit_tracer, factory, named"):
         get_format("nope")
     with pytest.raises(ValueError, match="ref must be one of"):
         Format(name="x", ref="url", probe=_probe, load=_load, summary="")

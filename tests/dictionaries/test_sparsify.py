@@ -51,7 +51,8 @@ def _spec(directory: Path, hook: str | None = None, hook_out: str | None = None,
 
 
 def _loaded(spec: DictionarySpec) -> Dictionary:
-    return resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
+    (d,) = resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
+    return d
 
 
 def test_probe_reads_widths_hooks_and_architecture_from_the_files(tmp_path):

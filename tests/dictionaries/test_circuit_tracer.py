@@ -1,0 +1,258 @@
+"""`circuit_tracer:` dictionaries: transcoder sets and cross-layer transcoders in
+circuit-tracer's on-disk format, spliced as replacement models (every layer at once, errors
+compounding), checked against a float64 re-implementation of the documented equations."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from saebench import engine, resolve
+from saebench.splice import as_dictionary, splice_hooks
+from saebench.suite import DictionarySpec, SuiteError
+
+N_LAYERS, D_MODEL, D_TC = 4, 128, 48
+READ, WRITE = "ln2.hook_normalized", "hook_mlp_out"
+
+
+def _layer(g: torch.Generator, n_out: int) -> dict[str, torch.Tensor]:
+    return {"W_enc": torch.randn(D_TC, D_MODEL, generator=g) * 0.2,
+            "b_enc": torch.randn(D_TC, generator=g) * 0.1,
+            "W_dec": torch.randn(D_TC, n_out, D_MODEL, generator=g) * 0.05,
+            "b_dec": torch.randn(D_MODEL, generator=g) * 0.05,
+            "threshold": torch.rand(D_TC, generator=g) * 0.2}
+
+
+def _weights(kind: str, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [_layer(g, 1 if kind == "transcoder_set" else N_LAYERS - i) for i in range(N_LAYERS)]
+
+
+def _write(directory: Path, kind: str, weights: list[dict[str, torch.Tensor]],
+           jump: bool = True) -> Path:
+    """A directory as circuit-tracer reads it (config.yaml + per-layer safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.yaml").write_text(
+        f"model_kind: {kind}\nfeature_input_hook: {READ}\nfeature_output_hook: {WRITE}\n")
+    for i, w in enumerate(weights):
+        if kind == "transcoder_set":
+            tensors = {"W_enc": w["W_enc"], "b_enc": w["b_enc"], "W_dec": w["W_dec"][:, 0],
+                       "b_dec": w["b_dec"]}
+            if jump:
+                tensors["activation_function.threshold"] = w["threshold"]
+            save_file(tensors, str(directory / f"layer_{i}.safetensors"))
+        else:
+            tensors = {f"W_enc_{i}": w["W_enc"], f"b_enc_{i}": w["b_enc"],
+                       f"b_dec_{i}": w["b_dec"]}
+            if jump:
+                tensors[f"threshold_{i}"] = w["threshold"]
+            save_file(tensors, str(directory / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": w["W_dec"]}, str(directory / f"W_dec_{i}.safetensors"))
+    return directory
+
+
+def _reference_outputs(weights, kind: str, inputs: list[torch.Tensor], jump: bool = True
+                       ) -> list[torch.Tensor]:
+    """Each layer's MLP-output reconstruction from each layer's input, in float64, by the
+    documented equations (f_i = act(x_i W_encᵀ + b_enc); out_j = b_dec_j + Σ_{i≤j} f_i W_dec)."""
+    feats = []
+    for w, x in zip(weights, inputs, strict=True):
+        pre = x.double() @ w["W_enc"].double().T + w["b_enc"].double()
+        feats.append(pre * (pre > w["threshold"].double()) if jump else pre.clamp_min(0))
+    outs = []
+    for j in range(N_LAYERS):
+        sources = [j] if kind == "transcoder_set" else range(j + 1)
+        out = weights[j]["b_dec"].double().clone()
+        for i in sources:
+            out = out + feats[i] @ weights[i]["W_dec"][:, j - i if kind != "transcoder_set"
+                                                       else 0].double()
+        outs.append(out)
+    return outs
+
+
+def _parts(directory: Path, name: str = "ct", **args):
+    spec = DictionarySpec(name, "circuit_tracer", str(directory), args=args)
+    return resolve.adapt(spec, resolve.resolve_dictionary(spec, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    from saebench import loading
+
+    return loading.load_heldout_tokens()[:6, :48]
+
+
+@pytest.mark.parametrize("kind", ["transcoder_set", "cross_layer_transcoder"])
+def test_probe_reads_hooks_widths_and_identity(tmp_path, kind):
+    directory = _write(tmp_path / kind, kind, _weights(kind))
+    spec = DictionarySpec("ct", "circuit_tracer", str(directory))
+    info = resolve.probe_dictionary(spec)
+    assert info.read_hooks == tuple(f"blocks.{i}.{READ}" for i in range(N_LAYERS))
+    assert info.write_hooks == tuple(f"blocks.{i}.{WRITE}" for i in range(N_LAYERS))
+    assert (info.d_in, info.d_out, info.d_sae) == (D_MODEL, D_MODEL, N_LAYERS * D_TC)
+    assert not info.single and info.architecture == f"circuit_tracer-{kind}"
+    assert len(info.identity["sha256"]) == 16
+
+
+@pytest.mark.parametrize("kind", ["transcoder_set", "cross_layer_transcoder"])
+@pytest.mark.parametrize("jump", [True, False])
+def test_parts_reconstruct_as_the_documented_equations(tmp_path, zoo_model, tokens, kind,
+                                                       jump):
+    weights = _weights(kind)
+    parts = _parts(_write(tmp_path / kind, kind, weights, jump))
+    assert [p.name for p in parts] == [f"ct/L{i}" for i in range(N_LAYERS)]
+    assert {p.part_of for p in parts} == {"ct"}
+    _, cache = zoo_model.run_with_cache(tokens)
+    inputs = [cache[f"blocks.{i}.{READ}"] for i in range(N_LAYERS)]
+    expected = _reference_outputs(weights, kind, inputs, jump)
+    got = [torch.zeros_like(e) for e in expected]
+    for i, part in enumerate(parts):
+        recon = part.decode(part.encode(inputs[i]), x=inputs[i])
+        recon = recon if isinstance(recon, tuple) else (recon,)
+        assert len(recon) == len(part.write_hooks)
+        for hook, r in zip(part.write_hooks, recon, strict=True):
+            got[int(hook.split(".")[1])] += r.double()
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def _hooked_reference(model, tokens, weights, kind):
+    """Logits of the compounded replacement model, built with plain hooks in float64: each
+    layer's features read the spliced run, each MLP output is the reference's sum."""
+    feats: dict[int, torch.Tensor] = {}
+
+    def read(act, hook):
+        i = int(hook.name.split(".")[1])
+        w = weights[i]
+        pre = act.double() @ w["W_enc"].double().T + w["b_enc"].double()
+        feats[i] = pre * (pre > w["threshold"].double())
+
+    def write(act, hook):
+        j = int(hook.name.split(".")[1])
+        out = weights[j]["b_dec"].double().clone()
+        for i in ([j] if kind == "transcoder_set" else range(j + 1)):
+            out = out + feats[i] @ weights[i]["W_dec"][:, 0 if kind == "transcoder_set"
+                                                       else j - i].double()
+        return out.to(act.dtype)
+
+    hooks = [(f"blocks.{i}.{READ}", read) for i in range(N_LAYERS)]
+    hooks += [(f"blocks.{i}.{WRITE}", write) for i in range(N_LAYERS)]
+    return model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+
+@pytest.mark.parametrize("kind", ["transcoder_set", "cross_layer_transcoder"])
+def test_the_replacement_model_compounds_as_the_reference(tmp_path, zoo_model, tokens, kind):
+    weights = _weights(kind)
+    parts = _parts(_write(tmp_path / kind, kind, weights))
+    spliced = zoo_model.run_with_hooks(tokens, fwd_hooks=splice_hooks(parts))
+    reference = _hooked_reference(zoo_model, tokens, weights, kind)
+    torch.testing.assert_close(spliced, reference, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(spliced, zoo_model(tokens), atol=1e-2)
+
+
+def test_the_error_term_at_every_layer_gives_the_clean_logits(tmp_path, zoo_model, tokens):
+    parts = _parts(_write(tmp_path / "clt", "cross_layer_transcoder",
+                          _weights("cross_layer_transcoder")))
+    record: dict = {}
+    logits = zoo_model.run_with_hooks(tokens, fwd_hooks=splice_hooks(parts, error_term=True,
+                                                                     record=record))
+    torch.testing.assert_close(logits, zoo_model(tokens), atol=1e-5, rtol=0)
+    assert set(record) == {p.name for p in parts}
+
+
+def test_identity_parts_give_the_clean_model_and_perfect_scores(zoo_model, tokens):
+    """A replacement model of identity parts at every MLP output (two halves at the last
+    one, summed) is the clean model: agreement 1, per-layer error 0, loss recovered 1."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, hook: str, scale: float) -> None:
+            super().__init__()
+            self.read_hooks = self.write_hooks = (hook,)
+            self.d_in = self.d_out = self.d_sae = D_MODEL
+            self.scale = scale
+
+        def encode(self, x):
+            return x * self.scale
+
+        def decode(self, feats, x):
+            return feats
+
+    last = f"blocks.{N_LAYERS - 1}.{WRITE}"
+    modules = [Scaled(f"blocks.{i}.{WRITE}", 1.0) for i in range(N_LAYERS - 1)]
+    modules += [Scaled(last, 0.5), Scaled(last, 0.5)]
+    parts = tuple(as_dictionary(m, name=f"id/{i}", part_of="id") for i, m in enumerate(modules))
+    request = engine.Request("id", parts, reconstruction=False, layers=True)
+    terms = engine.run(zoo_model, tokens, [request], engine.EngineOptions(progress=False))["id"]
+    assert torch.equal(terms["agree_spliced"], terms["n_kl"])
+    torch.testing.assert_close(terms["kl_spliced"], torch.zeros_like(terms["kl_spliced"]),
+                               atol=1e-8, rtol=0)
+    assert terms["layer_sq_err"].shape[-1] == N_LAYERS and float(terms["layer_sq_err"].max()) < 1e-8
+    torch.testing.assert_close(terms["ce_spliced"], terms["ce_clean"], atol=1e-5, rtol=0)
+
+
+def test_only_parts_of_one_model_may_share_a_write_hook(tmp_path, zoo_model):
+    sae = as_dictionary(torch.nn.Identity(), name="a", hook=f"blocks.1.{WRITE}")
+    other = as_dictionary(torch.nn.Identity(), name="b", hook=f"blocks.1.{WRITE}")
+    with pytest.raises(ValueError, match="share the write hook"):
+        splice_hooks([sae, other])
+    parts = _parts(_write(tmp_path / "clt", "cross_layer_transcoder",
+                          _weights("cross_layer_transcoder")))
+    with pytest.raises(ValueError, match="share the write hook"):
+        splice_hooks([*parts, sae])
+
+
+def test_shuffled_decoders_permute_each_layers_decoder_rows(tmp_path):
+    directory = _write(tmp_path / "clt", "cross_layer_transcoder",
+                       _weights("cross_layer_transcoder"))
+    plain, shuffled = _parts(directory), _parts(directory, shuffle_decoders=3)
+    again = _parts(directory, shuffle_decoders=3)
+    for p, s, a in zip(plain, shuffled, again, strict=True):
+        w, ws = p.module.W_dec, s.module.W_dec
+        assert not torch.equal(w, ws) and torch.equal(ws, a.module.W_dec)
+        rows = {tuple(r.flatten().tolist()) for r in w}
+        assert {tuple(r.flatten().tolist()) for r in ws} == rows
+        assert torch.equal(p.module.W_enc, s.module.W_enc)
+
+
+def _located(tmp_path: Path, directory: Path, **entry) -> str:
+    spec = DictionarySpec("ct", "circuit_tracer", str(directory), line=7, **entry)
+    suite = tmp_path / "s.yaml"
+    with pytest.raises(SuiteError) as err:
+        resolve.probe_dictionary(spec, suite_path=suite)
+    assert str(err.value).startswith(f"{suite}:7: dictionaries.ct")
+    return str(err.value)
+
+
+def test_bad_directories_are_refused_with_a_location(tmp_path):
+    assert "expected config.yaml" in _located(tmp_path, tmp_path)
+    directory = _write(tmp_path / "set", "transcoder_set", _weights("transcoder_set"))
+    (directory / "layer_2.safetensors").unlink()
+    assert "layers 0..n-1" in _located(tmp_path, directory)
+    clt = _write(tmp_path / "clt", "cross_layer_transcoder", _weights("cross_layer_transcoder"))
+    save_file({"W_dec_1": torch.zeros(D_TC, N_LAYERS, D_MODEL)},
+              str(clt / "W_dec_1.safetensors"))
+    assert "W_dec_1 has shape [48, 4, 128], expected [48, 3, 128]" in _located(tmp_path, clt)
+    good = _write(tmp_path / "ok", "cross_layer_transcoder", _weights("cross_layer_transcoder"))
+    assert "hook:/hook_out: do not apply" in _located(tmp_path, good, hook="blocks.0.hook_mlp_out")
+    assert "do not apply" in _located(tmp_path, good, args={"seed": 1})
+    (good / "config.yaml").write_text(textwrap.dedent("""\
+        model_kind: crosscoder
+        feature_input_hook: ln2.hook_normalized
+        feature_output_hook: hook_mlp_out
+        """))
+    assert "model_kind 'crosscoder'" in _located(tmp_path, good)
+
+
+def test_a_pass_cut_short_leaves_nothing_for_the_next(tmp_path, zoo_model, tokens):
+    """A pass that stops before a CLT layer's later write hooks must not hand their
+    reconstructions (of the old tokens) to the next pass."""
+    parts = _parts(_write(tmp_path / "clt", "cross_layer_transcoder",
+                          _weights("cross_layer_transcoder")))
+    hooks = splice_hooks(parts)
+    zoo_model.run_with_hooks(tokens.flip(0), fwd_hooks=hooks, stop_at_layer=2)
+    torch.testing.assert_close(zoo_model.run_with_hooks(tokens, fwd_hooks=hooks),
+                               zoo_model.run_with_hooks(tokens, fwd_hooks=splice_hooks(parts)))
