@@ -541,9 +541,10 @@ class SuiteRun:
             edits=_feature_edits(key, options[0]))
 
     def extra_rows(self, check: Check) -> dict[str, list[dict[str, Any]]]:
-        """Prompt-level and feature-level rows of a task check, for `per_prompt.csv` and
-        `features.csv`: the logit differences with `logit_diff_recovered`, the DLA terms
-        with `remainder_dla`, the feature table with `feature_ablation`."""
+        """Prompt-, feature- and layer-level rows of a check, for `per_prompt.csv`,
+        `features.csv` and `layers.csv`: the logit differences with `logit_diff_recovered`,
+        the DLA terms with `remainder_dla`, the feature table with `feature_ablation`, each
+        write hook's error with `per_layer_error`."""
         per_prompt, features = self._task_rows.get(self._request_key(check), ([], []))
         wanted = {"logit_diff_recovered": "ld_", "remainder_dla": "dla_"}.get(check.metric)
         base = {"suite": self.suite.name, "check_id": check.id,
@@ -556,7 +557,23 @@ class SuiteRun:
                 for row in per_prompt]
         if check.metric == "feature_ablation":
             out["features.csv"] = [{**base, **row} for row in features]
+        if check.metric == "per_layer_error":
+            out[results.LAYERS_FILE] = self._layer_rows(check, base)
         return out
+
+    def _layer_rows(self, check: Check, base: dict[str, Any]) -> list[dict[str, Any]]:
+        """One row per write hook of a `per_layer_error` check: its value and interval."""
+        terms = self._terms.get(self._request_key(check))
+        if not terms or self.problem(check) is not None:
+            return []
+        hooks = dict.fromkeys(h for n in check.dictionaries for h in self.infos[n].write_hooks)
+        metric, rows = get_metric(check.metric), []
+        for layer, hook in enumerate(hooks):
+            summary = summarize(metric, terms, {**metric_options(check), "layer": layer},
+                                n_boot=_options(check)["n_boot"], seed=self._seed(check))
+            rows.append({**base, "layer": layer, "hook": hook, "value": summary.value,
+                         "ci_low": summary.ci_low, "ci_high": summary.ci_high})
+        return rows
 
     # -- rows ------------------------------------------------------------------------
 

@@ -90,6 +90,7 @@ TASK_METRIC = "logit_diff_recovered"
 FRONTIER_Y = "ce_loss_recovered[zero]"
 """The metric key of the frontier's y axis and of the per-layer curves."""
 LOSS_RECOVERED = "loss recovered (zero ablation)"
+LAYER_ERROR = "normalised MSE vs the clean model"
 TASK_VALUE = "logit-diff recovered"
 """Column names of the plot frames, which the plots show as axis labels."""
 
@@ -509,7 +510,8 @@ class Plot:
 
 def plan_plots(results: pd.DataFrame) -> list[Plot]:
     """The plots of a run, per suite: L0 vs loss recovered of its dictionaries, loss
-    recovered per layer and family, and logit-diff recovered per task; a plot is planned
+    recovered per layer and family, the per-layer error of replacement models, and
+    logit-diff recovered per task; a plot is planned
     only when its rows have something to show. Checks expected to fail (xfail: deliberately
     poor controls) are left out, so that they do not squash the scale of the others."""
     keyed = _with_keys(results)
@@ -518,6 +520,7 @@ def plan_plots(results: pd.DataFrame) -> list[Plot]:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(suite)).strip("-") or "run"
         where = f" — {suite}" if suite else ""
         frontier, layers, tasks = _frontier_frame(rows), _layer_frame(rows), _task_frame(rows)
+        errors = _layer_error_frame(rows)
         if len(frontier) >= 2:
             planned.append(Plot(
                 f"{PLOTS_DIR}/{slug}-l0-vs-loss-recovered.png", f"L0 vs loss recovered{where}",
@@ -530,6 +533,11 @@ def plan_plots(results: pd.DataFrame) -> list[Plot]:
                 f"Loss recovered per layer{where}",
                 partial(plots.layer_curves, layers, metric=LOSS_RECOVERED,
                         title=f"Loss recovered (zero ablation) per layer{where}")))
+        if errors.groupby("dictionary")["layer"].nunique().ge(2).any():
+            planned.append(Plot(
+                f"{PLOTS_DIR}/{slug}-per-layer-error.png", f"Per-layer error{where}",
+                partial(plots.layer_curves, errors, metric=LAYER_ERROR, family="dictionary",
+                        title=f"Per-layer error, every layer spliced at once{where}")))
         if len(tasks):
             planned.append(Plot(
                 f"{PLOTS_DIR}/{slug}-logit-diff-recovered.png",
@@ -578,6 +586,18 @@ def _layer_frame(rows: pd.DataFrame) -> pd.DataFrame:
     }, columns=["dictionary", "hook", "family", "layer", LOSS_RECOVERED, f"{LOSS_RECOVERED}_ci_low",
                 f"{LOSS_RECOVERED}_ci_high"])
     return frame[frame["layer"].notna()].reset_index(drop=True)
+
+
+def _layer_error_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per dictionary set with a `per_layer_error` value: each write hook's error (the
+    `layer_<i>` parts), one row per layer."""
+    checks = rows[(rows["metric"] == "per_layer_error") & rows["value"].map(_finite)]
+    records = [
+        {"dictionary": row["set"], "layer": int(key.removeprefix("layer_")), LAYER_ERROR: value}
+        for row in checks.drop_duplicates("set", keep="last").to_dict("records")
+        for key, value in json.loads(row["parts"] or "{}").items()
+        if key.startswith("layer_") and _finite(value)]
+    return pd.DataFrame(records, columns=["dictionary", "layer", LAYER_ERROR])
 
 
 def _task_frame(rows: pd.DataFrame) -> pd.DataFrame:

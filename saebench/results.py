@@ -9,6 +9,8 @@ A run directory (`reports/<run-id>/`) holds
 - `per_prompt.csv`: prompt-level values of task metrics in *long* format
   (`PER_PROMPT_COLUMNS`: the prompt's identity, then one `quantity`/`value` pair per row);
 - `features.csv`: feature-ablation tables (`FEATURE_COLUMNS`);
+- `layers.csv`: per-layer values of `per_layer_error`, one row per write hook
+  (`LAYER_COLUMNS`);
 - `terms/<check>.npz`: the per-sequence (or per-prompt) terms of each check's metric, so a
   later run on the same tokens can be compared with it *paired* (`saebench.gate`).
 
@@ -51,6 +53,7 @@ import pandas as pd
 RESULTS_FILE = "results.csv"
 PER_PROMPT_FILE = "per_prompt.csv"
 FEATURES_FILE = "features.csv"
+LAYERS_FILE = "layers.csv"
 
 TERMS_DIR = "terms"
 
@@ -94,17 +97,22 @@ FEATURE_COLUMNS: list[str] = [
     "active_share", "effect", "ci_low", "ci_high", "loss_effect",
 ]
 
+LAYER_COLUMNS: list[str] = [
+    "run_id", "suite", "check_id", "dictionary", "layer", "hook", "value", "ci_low", "ci_high",
+]
+
 
 _COLUMNS_BY_FILE = {
     RESULTS_FILE: RESULT_COLUMNS,
     PER_PROMPT_FILE: PER_PROMPT_COLUMNS,
     FEATURES_FILE: FEATURE_COLUMNS,
+    LAYERS_FILE: LAYER_COLUMNS,
 }
 _FLOAT_COLUMNS = frozenset(
     {"value", "ci_low", "ci_high", "duration_s", "mean_activation", "active_share", "effect",
      "loss_effect", "baseline_value", "delta", "delta_ci_low", "delta_ci_high", "tolerance",
      *RANDOM_COLUMNS})
-_INT_COLUMNS = frozenset({"n", "seed", "prompt_index", "feature", "d_in", "d_sae"})
+_INT_COLUMNS = frozenset({"n", "seed", "prompt_index", "feature", "d_in", "d_sae", "layer"})
 _BOOL_COLUMNS = frozenset({"higher_is_better"})
 _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 

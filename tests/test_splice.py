@@ -227,6 +227,65 @@ def test_transcoder_matches_manual_two_hook_splice(model, sae_model, tokens, ski
     torch.testing.assert_close(rec["recon"], tc(rec["x"]), atol=1e-6, rtol=0)
 
 
+class ProtocolSkipTranscoder(torch.nn.Module):
+    """The saebench protocol: read/write hooks as tuples, `decode(features, x)` with the
+    skip term inside (so the adapter must not add `W_skip` a second time)."""
+
+    read_hooks, write_hooks = ("blocks.0.ln2.hook_normalized",), ("blocks.0.hook_mlp_out",)
+
+    def __init__(self, seed: int = 5) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.d_in = self.d_out = 16
+        self.d_sae = 24
+        self.W_enc = torch.nn.Parameter(torch.randn(16, 24, generator=g))
+        self.W_dec = torch.nn.Parameter(torch.randn(24, 16, generator=g))
+        self.W_skip = torch.nn.Parameter(torch.randn(16, 16, generator=g))
+
+    def encode(self, x):
+        return torch.relu(x @ self.W_enc)
+
+    def decode(self, features, x):
+        return features @ self.W_dec + x @ self.W_skip.T
+
+
+def test_a_protocol_decode_gets_the_input_and_its_skip_once(model, tokens):
+    tc = ProtocolSkipTranscoder()
+    d = as_dictionary(tc)
+    assert (d.read_hooks, d.write_hooks, d.d_sae) == (tc.read_hooks, tc.write_hooks, 24)
+    _, cache = model.run_with_cache(tokens)
+    x = cache["blocks.0.ln2.hook_normalized"]
+    expected = torch.relu(x @ tc.W_enc) @ tc.W_dec + x @ tc.W_skip.T
+    torch.testing.assert_close(d.reconstruct(x)[0], expected)
+    with pytest.raises(ValueError, match="needs the input activation"):
+        d.decode(d.encode(x))
+    clean = model(tokens)
+    assert torch.equal(clean, model.run_with_hooks(
+        tokens, fwd_hooks=splice_hooks([d], error_term=True, record={})))
+    assert not torch.allclose(clean, model.run_with_hooks(tokens, fwd_hooks=splice_hooks([d])))
+
+
+def test_a_dictionary_writing_several_hooks_returns_one_reconstruction_each(model, tokens):
+    class TwoWrites(ProtocolSkipTranscoder):
+        write_hooks = ("blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out")
+
+        def decode(self, features, x):
+            out = super().decode(features, x)
+            return out, 2 * out
+
+    d = as_dictionary(TwoWrites())
+    _, cache = model.run_with_cache(tokens)
+    x = cache["blocks.0.ln2.hook_normalized"]
+    first, second = d.decode(d.encode(x), x=x)
+    torch.testing.assert_close(second, 2 * first)
+    with pytest.raises(ValueError, match="writes 2 hooks"):
+        d.write_hook  # noqa: B018 -- the property raises
+    seen: dict = {}
+    model.run_with_hooks(tokens, fwd_hooks=[*splice_hooks([d]),
+                                            ("blocks.1.hook_mlp_out", capture(seen, "w1"))])
+    torch.testing.assert_close(seen["w1"], 2 * first)
+
+
 def test_write_before_read_is_an_error(model, tokens):
     tc = make_transcoder(layer=0)
     d = as_dictionary(tc, hook_out="blocks.1.hook_mlp_out")

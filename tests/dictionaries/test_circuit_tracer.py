@@ -256,3 +256,40 @@ def test_a_pass_cut_short_leaves_nothing_for_the_next(tmp_path, zoo_model, token
     zoo_model.run_with_hooks(tokens.flip(0), fwd_hooks=hooks, stop_at_layer=2)
     torch.testing.assert_close(zoo_model.run_with_hooks(tokens, fwd_hooks=hooks),
                                zoo_model.run_with_hooks(tokens, fwd_hooks=splice_hooks(parts)))
+
+
+@torch.no_grad()
+def test_per_layer_error_and_agreement_match_a_float64_reference(tmp_path, zoo_model, tokens):
+    """per_layer_error at each layer = Σ‖written − clean‖² / Σ‖clean − mean‖² over the
+    non-special positions, written by the compounded replacement model; next-token
+    agreement = share of those positions whose top-1 token is the clean model's."""
+    from saebench.metrics.registry import get_metric
+    from saebench.stats import summarize
+
+    kind = "cross_layer_transcoder"
+    weights = _weights(kind)
+    parts = _parts(_write(tmp_path / kind, kind, weights))
+    request = engine.Request("clt", parts, reconstruction=False, layers=True)
+    terms = engine.run(zoo_model, tokens, [request], engine.EngineOptions(progress=False))["clt"]
+
+    written: dict[str, torch.Tensor] = {}
+
+    def keep(act, hook):
+        written[hook.name] = act.double()
+
+    _, clean_cache = zoo_model.run_with_cache(tokens)
+    mask = ~torch.isin(tokens, torch.tensor(engine.special_token_ids(zoo_model)))
+    spliced = zoo_model.run_with_hooks(tokens, fwd_hooks=[  # BOS is never spliced
+        *splice_hooks(parts, mask=mask), *((f"blocks.{i}.{WRITE}", keep) for i in range(N_LAYERS))])
+    metric = get_metric("per_layer_error")
+    errors = []
+    for i in range(N_LAYERS):
+        hook = f"blocks.{i}.{WRITE}"
+        clean, out = clean_cache[hook].double()[mask], written[hook][mask]
+        errors.append(float((out - clean).pow(2).sum() / (clean - clean.mean(0)).pow(2).sum()))
+        value = summarize(metric, terms, {"layer": i}, n_boot=0).value
+        assert value == pytest.approx(errors[-1], rel=1e-6)
+    assert summarize(metric, terms, {}, n_boot=0).value == pytest.approx(max(errors), rel=1e-6)
+    agree = (spliced.argmax(-1) == zoo_model(tokens).argmax(-1))[mask].double().mean()
+    value = summarize(get_metric("next_token_agreement"), terms, {}, n_boot=0).value
+    assert value == pytest.approx(float(agree), rel=1e-9)
