@@ -176,7 +176,8 @@ def test_random_baseline_is_the_metric_of_a_random_dictionary_of_the_same_shape(
     run.compute(checks.values())
     for name in ("good", "tc"):
         row = run.result(checks[f"{name}::ce_loss_recovered[random_baseline=true]"])
-        random = random_like(run._dictionaries[name], seed=7)
+        (part,) = run._dictionaries[name]
+        random = random_like(part, seed=7)
         alone = evaluate(run.model, {"r": random.module}, run.tokens, ["ce_loss_recovered"],
                          n_boot=0, progress=False, batch_size=16)
         assert row["random_value"] == pytest.approx(alone["value"].item(), rel=1e-9)
