@@ -293,3 +293,45 @@ def test_per_layer_error_and_agreement_match_a_float64_reference(tmp_path, zoo_m
     agree = (spliced.argmax(-1) == zoo_model(tokens).argmax(-1))[mask].double().mean()
     value = summarize(get_metric("next_token_agreement"), terms, {}, n_boot=0).value
     assert value == pytest.approx(float(agree), rel=1e-9)
+
+
+def test_a_suite_measures_replacement_models_and_refuses_one_dictionary_metrics(tmp_path):
+    from saebench.checks import RunSettings, SuiteRun
+    from saebench.suite import load_suite
+
+    kind = "cross_layer_transcoder"
+    _write(tmp_path / "clt", kind, _weights(kind))
+    _write(tmp_path / "set", "transcoder_set", _weights("transcoder_set"))
+    (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
+        model: zoo
+        data: {source: zoo, n_tokens: 2048}
+        dictionaries:
+          clt: {circuit_tracer: clt}
+          set: {circuit_tracer: set}
+          shuffled: {circuit_tracer: clt, args: {shuffle_decoders: 0}}
+        defaults: {options: {n_boot: 50}}
+        checks:
+          - {metric: ce_loss_recovered, dictionaries: [clt, set, shuffled]}
+          - {metric: next_token_agreement, dictionaries: [clt, set, shuffled]}
+          - {metric: per_layer_error, dictionaries: [clt, set]}
+          - {metric: l0, dictionaries: [clt]}
+        """))
+    run = SuiteRun(load_suite(tmp_path / "s.yaml"), RunSettings(device="cpu"))
+    rows = {c.id: run.result(c) for c in run.suite.checks}
+    for name in ("clt", "set", "shuffled"):
+        row = rows[f"{name}::next_token_agreement"]
+        assert row["verdict"] == "pass" and 0 <= row["value"] <= 1
+        assert row["hook"] == ",".join(f"blocks.{i}.{WRITE}" for i in range(N_LAYERS))
+        assert row["architecture"].startswith("circuit_tracer-")
+    assert rows["clt::ce_loss_recovered"]["value"] != \
+        rows["shuffled::ce_loss_recovered"]["value"]
+    error = rows["clt::per_layer_error"]
+    layers = run.extra_rows(next(c for c in run.suite.checks if c.id == "clt::per_layer_error"))
+    (table,) = layers.values()
+    assert [r["layer"] for r in table] == list(range(N_LAYERS))
+    assert error["value"] == pytest.approx(max(r["value"] for r in table))
+    assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in table)
+    refused = rows["clt::l0"]
+    assert refused["verdict"] == "error"
+    assert "l0 needs a dictionary that reads one hook and writes one" in refused["message"]
+    assert refused["message"].startswith(f"{tmp_path / 's.yaml'}:")
