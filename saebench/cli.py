@@ -6,7 +6,7 @@
     saebench gate NEW --baseline OLD               what regressed between two runs
     saebench leaderboard RUN_DIR... -o DIR         rank dictionaries across runs
     saebench export RUN_DIR --format saebench-core -o DIR
-    saebench zoo build | info                      the embedded toy zoo
+    saebench zoo build [--dictionaries A,B] | info the embedded toy zoo
 
 Exit codes: 0 success; 1 a check failed or regressed (`run`, `gate`); 2 a usage or input
 error; `run` passes pytest's own codes through (4 usage, 5 nothing collected).
@@ -42,12 +42,20 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
-    from saebench.zoo.build import BuildSettings, build
+    from saebench.zoo.build import BuildError, BuildSettings, build, build_dictionaries
 
     settings = BuildSettings.tiny() if args.tiny else BuildSettings()
     if args.seed is not None:
         settings = BuildSettings(**{**settings.__dict__, "seed": args.seed})
-    build(Path(args.out), settings)
+    if args.dictionaries is None:
+        build(Path(args.out), settings)
+        return 0
+    names = [name.strip() for name in args.dictionaries.split(",") if name.strip()]
+    try:
+        build_dictionaries(Path(args.out), settings, names)
+    except (BuildError, FileNotFoundError) as err:
+        print(f"saebench zoo build: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -117,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default=str(ARTIFACTS), help="output directory")
     build.add_argument("--tiny", action="store_true", help="tiny settings (a smoke test)")
     build.add_argument("--seed", type=int, default=None, help="build seed (default 0)")
+    build.add_argument("--dictionaries", default=None, metavar="NAMES",
+                       help="comma-separated dictionary names: (re)build only these into the "
+                            "existing zoo at --out, on its model, leaving the rest as it is")
     build.set_defaults(func=_zoo_build)
     info = zoo.add_parser("info", help="print a table of what the zoo holds")
     info.add_argument("--zoo", default=None, help="zoo directory (default: the packaged zoo)")

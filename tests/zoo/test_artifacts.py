@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zoo_readers import NEW_FORMATS, dl_name, own_reconstruction, spec_of
 
 from saebench import loading
-from saebench.zoo import corpus, paths
+from saebench.zoo import corpus, formats, paths
 from saebench.zoo.quality import task_accuracy
+
+MANIFEST = loading.zoo_manifest()
+SAE_LENS = [name for name, d in MANIFEST["dictionaries"].items()
+            if d.get("format", "sae_lens") == "sae_lens"]
+OTHERS = (*NEW_FORMATS, dl_name(MANIFEST["settings"]["model"]["n_layers"]))
 
 
 def test_every_artifact_matches_its_manifest_sha256(zoo_manifest):
@@ -74,7 +80,32 @@ def test_recorded_quality_meets_the_zoo_contract(zoo_manifest):
     assert len(sweep_l0) >= 4 and max(sweep_l0) >= 4 * min(sweep_l0)
 
 
-@pytest.mark.parametrize("name", loading.zoo_dictionary_names())
+def test_recorded_quality_of_the_other_formats(zoo_manifest):
+    dicts = zoo_manifest["quality"]["dictionaries"]
+    assert set(OTHERS) <= set(dicts)
+    for name in ("sparsify-L1-topk16", OTHERS[-1]):
+        assert dicts[name]["l0"] == 16 and dicts[name]["ce_loss_score"] >= 0.85, name
+    assert dicts["skip-transcoder-L1"]["fvu"] < 0.3
+    for name in ("ct-transcoders", "ct-clt"):
+        assert all(v < 0.3 for v in dicts[name]["fvu_per_hook"].values()), name
+        assert all(20 <= v <= 60 for v in dicts[name]["l0_per_hook"].values()), name
+        assert 0.5 < dicts[name]["next_token_agreement"] <= 1, name
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_other_formats_read_back_through_their_own_readers(zoo_model, zoo_manifest, name):
+    spec = spec_of(zoo_manifest, name)
+    directory = loading.zoo_dir() / paths.dictionary_dir(name)
+    _, cache = zoo_model.run_with_cache(loading.load_heldout_tokens()[:2])
+    coder = formats.read(spec, directory)
+    expected = coder.reconstruct([cache[hook].double() for hook in spec.reads])
+    for hook, got, want in zip(spec.writes, own_reconstruction(spec, directory, cache),
+                               expected, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=hook)
+        assert not torch.allclose(got.double(), cache[hook].double(), atol=1e-3), hook
+
+
+@pytest.mark.parametrize("name", SAE_LENS)
 def test_dictionary_loads_and_error_term_gives_clean_logits(zoo_model, name):
     sae = loading.load_zoo_dictionary(name)
     read = sae.cfg.metadata.hook_name
