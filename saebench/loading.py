@@ -3,7 +3,8 @@
 Everything that knows where weights live is here. The zoo is loaded through the same
 code paths a user's own checkpoints take: a TransformerLens model from config +
 safetensors, a tokenizer saved with `save_pretrained`, dictionaries with sae_lens'
-`SAE.load_from_disk`.
+`SAE.load_from_disk` or, for the zoo's dictionaries in other formats, by their format in
+`saebench.dictionaries`.
 
     >>> model = load_zoo_model()
     >>> sae = load_zoo_dictionary("resid-L2-topk16")
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens import SAE
@@ -76,12 +78,21 @@ def zoo_dictionary_names(zoo: Path | None = None) -> list[str]:
 
 
 def load_zoo_dictionary(name: str, device: str | torch.device = "cpu",
-                        zoo: Path | None = None) -> SAE:
-    """A zoo dictionary (sae_lens SAE or Transcoder) by name."""
+                        zoo: Path | None = None) -> Any:
+    """A zoo dictionary by name, as its format loads it: a sae_lens SAE or transcoder, a
+    sparsify or dictionary_learning adapter, or a circuit-tracer model's parts (a tuple of
+    `saebench.splice.Dictionary`)."""
     names = zoo_dictionary_names(zoo)
     if name not in names:
         raise ZooError(f"the zoo has no dictionary {name!r}; it has: {', '.join(names)}")
-    return SAE.load_from_disk(str(zoo_dir(zoo) / paths.dictionary_dir(name)), device=str(device))
+    if zoo_manifest(zoo)["dictionaries"][name].get("format", "sae_lens") == "sae_lens":
+        return SAE.load_from_disk(str(zoo_dir(zoo) / paths.dictionary_dir(name)),
+                                  device=str(device))
+    from saebench.dictionaries.zoo import format_entry
+    from saebench.suite import DictionarySpec
+
+    fmt, entry = format_entry(DictionarySpec(name, "zoo", name), zoo=zoo)
+    return fmt.load(entry, device, None)
 
 
 def load_heldout_tokens(zoo: Path | None = None) -> torch.Tensor:

@@ -28,12 +28,14 @@ FORMAT_OF = {"sae_lens": "path", "sparsify": "sparsify",
 SINGLE_HOOK = ("sae_lens", "sparsify", "dictionary_learning")
 
 
-def _entry(spec: DictionarySpec, suite_path: Path | None) -> tuple[Format, DictionarySpec]:
-    """The format of the zoo dictionary `spec` names, and `spec` as an entry of that format."""
+def format_entry(spec: DictionarySpec, suite_path: Path | None = None, zoo: Path | None = None
+                 ) -> tuple[Format, DictionarySpec]:
+    """The format of the zoo dictionary `spec` names (in the packaged zoo, or the zoo
+    directory `zoo`), and `spec` as an entry of that format."""
     from saebench import loading
     from saebench.zoo import paths
 
-    record = loading.zoo_manifest()["dictionaries"][spec.ref]
+    record = loading.zoo_manifest(zoo)["dictionaries"][spec.ref]
     kind = record.get("format", "sae_lens")
     fmt = get_format(FORMAT_OF[kind])
     if spec.args and "args" not in fmt.keys:
@@ -44,19 +46,19 @@ def _entry(spec: DictionarySpec, suite_path: Path | None) -> tuple[Format, Dicti
     if kind in SINGLE_HOOK:
         hooks = {"hook": spec.hook or record.get("hook"),
                  "hook_out": spec.hook_out or record.get("hook_out")}
-    directory = loading.zoo_dir() / paths.dictionary_dir(spec.ref)
+    directory = loading.zoo_dir(zoo) / paths.dictionary_dir(spec.ref)
     return fmt, replace(spec, kind=fmt.name, ref=str(directory), **hooks)
 
 
 def _probe(spec: DictionarySpec, suite_path: Path | None) -> DictionaryInfo:
-    fmt, entry = _entry(spec, suite_path)
+    fmt, entry = format_entry(spec, suite_path)
     info = fmt.probe(entry, suite_path)
     return replace(info, identity={**info.identity, "source": f"zoo:{spec.ref}"})
 
 
 def _load(spec: DictionarySpec, device: str | torch.device, suite_path: Path | None,
           allow_factory: bool = False) -> Any:
-    fmt, entry = _entry(spec, suite_path)
+    fmt, entry = format_entry(spec, suite_path)
     return fmt.load(entry, device, suite_path, allow_factory)
 
 
