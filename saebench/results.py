@@ -98,7 +98,8 @@ FEATURE_COLUMNS: list[str] = [
 ]
 
 LAYER_COLUMNS: list[str] = [
-    "run_id", "suite", "check_id", "dictionary", "layer", "hook", "value", "ci_low", "ci_high",
+    "run_id", "suite", "check_id", "dictionary", "task", "layer", "hook", "value", "ci_low",
+    "ci_high",
 ]
 
 

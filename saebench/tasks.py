@@ -127,8 +127,8 @@ class TaskRequest:
 
     @property
     def write_hooks(self) -> tuple[str, ...]:
-        """The write hooks of the request's dictionaries, in order."""
-        return tuple(d.write_hook for d in self.dictionaries)
+        """The write hooks of the request's dictionaries, in order, once each."""
+        return tuple(dict.fromkeys(h for d in self.dictionaries for h in d.write_hooks))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from saebench import engine, resolve
+from saebench import engine, resolve, results
 from saebench.splice import as_dictionary, splice_hooks
 from saebench.suite import DictionarySpec, SuiteError
 
@@ -329,6 +329,9 @@ def test_a_suite_measures_replacement_models_and_refuses_one_dictionary_metrics(
     layers = run.extra_rows(next(c for c in run.suite.checks if c.id == "clt::per_layer_error"))
     (table,) = layers.values()
     assert [r["layer"] for r in table] == list(range(N_LAYERS))
+    results.append_rows(tmp_path / results.LAYERS_FILE, table)
+    stored = results.read_table(tmp_path / results.LAYERS_FILE, results.LAYER_COLUMNS)
+    assert stored["hook"].tolist() == [f"blocks.{i}.{WRITE}" for i in range(N_LAYERS)]
     assert error["value"] == pytest.approx(max(r["value"] for r in table))
     assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in table)
     refused = rows["clt::l0"]
