@@ -27,7 +27,7 @@ from transformer_lens import HookedTransformer
 
 from saebench import engine, results
 from saebench.metrics import pathological as patho
-from saebench.metrics.registry import Metric, get_metric
+from saebench.metrics.registry import LAYER_TERMS, Metric, get_metric
 from saebench.splice import Dictionary, FeatureEdit, as_dictionary
 from saebench.stats import summarize
 from saebench.suite import check_id
@@ -154,8 +154,10 @@ def evaluate(
     requests = [
         engine.Request(
             key=name, dictionaries=group, downstream=downstream,
-            reconstruction=len(group) == 1 and any(m.kind == "reconstruction"
-                                                  for m in metric_objs),
+            reconstruction=len(group) == 1
+            and len(group[0].read_hooks) == len(group[0].write_hooks) == 1
+            and any(m.kind == "reconstruction" for m in metric_objs),
+            layers=any(set(LAYER_TERMS) <= set(m.terms({})) for m in metric_objs),
             ablations=kinds, error_term=error_term, positions=positions, edits=tuple(edits),
             pathological_draws=n_draws if pathological and len(group) == 1 else 0,
             pathological_seed=seed,
@@ -205,9 +207,9 @@ def _identity(group: tuple[Dictionary, ...]) -> dict[str, Any]:
     def joined(values) -> str:
         return "+".join(str(v) for v in values)
 
-    return {"hook": joined(dict.fromkeys(d.write_hook for d in group)),
+    return {"hook": joined(dict.fromkeys(h for d in group for h in d.write_hooks)),
             "architecture": joined(d.architecture for d in group),
             "d_in": group[0].d_in if len(group) == 1 else None,
             "d_sae": group[0].d_sae if len(group) == 1 else None,
-            "read_hook": joined(d.read_hook for d in group),
-            "write_hook": joined(d.write_hook for d in group)}
+            "read_hook": joined(",".join(d.read_hooks) for d in group),
+            "write_hook": joined(",".join(d.write_hooks) for d in group)}

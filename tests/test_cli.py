@@ -78,7 +78,7 @@ def test_the_packaged_toy_suite_runs_by_name_from_an_empty_directory(tmp_path):
     collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", "--suite", "toy",
                                 "--collect-only", "-q", "-p", "no:cacheprovider"],
                                capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert "211 tests collected" in collected.stdout, collected.stdout[-2000:]
+    assert "284 tests collected" in collected.stdout, collected.stdout[-2000:]
 
 
 def test_the_wheel_ships_the_toy_suite_and_the_zoo(tmp_path):

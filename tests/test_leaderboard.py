@@ -311,11 +311,11 @@ def test_the_example_run_has_a_table_per_hook(tmp_path: Path) -> None:
     run = shutil.copytree(EXAMPLE, tmp_path / "example")
     markdown = build([run], tmp_path / "out").read_text()
     hooks = {h for h in read_results(run)["hook"] if "," not in h}
-    assert len(hooks) == 8
+    assert len(hooks) == 11
     for hook in hooks:
         assert f"\n### `{hook}`\n" in markdown
         assert table_lines(markdown, hook)[2].split("|")[1].strip() == "1"
-    assert f"(frontier-05-zoo-{HOOK}-ce_loss_recovered_zero.png)" in markdown
+    assert f"(frontier-08-zoo-{HOOK}-ce_loss_recovered_zero.png)" in markdown
     assert "layers-zoo-ce_loss_recovered_zero.png" in markdown
     table = board(tmp_path / "out")
     family = table[table["family"] == "resid-topk16"]

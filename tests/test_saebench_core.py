@@ -392,7 +392,7 @@ def test_cli_writes_and_prints_files(example_run: Path, tmp_path: Path, capsys) 
     out = tmp_path / "out"
     assert export(str(example_run), "--format", "saebench-core", "-o", str(out)) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 12 and set(printed) == {str(p) for p in out.iterdir()}
+    assert len(printed) == 18 and set(printed) == {str(p) for p in out.iterdir()}
 
 
 def test_cli_default_out_and_format(tmp_path: Path, capsys) -> None:

@@ -338,3 +338,19 @@ def test_a_suite_measures_replacement_models_and_refuses_one_dictionary_metrics(
     assert refused["verdict"] == "error"
     assert "l0 needs a dictionary that reads one hook and writes one" in refused["message"]
     assert refused["message"].startswith(f"{tmp_path / 's.yaml'}:")
+
+
+def test_evaluate_measures_a_replacement_model_given_as_its_parts(tmp_path, zoo_model, tokens):
+    from saebench import evaluate
+
+    kind = "cross_layer_transcoder"
+    parts = _parts(_write(tmp_path / kind, kind, _weights(kind)))
+    frame = evaluate(zoo_model, {"clt": list(parts)}, tokens,
+                     ["next_token_agreement", "per_layer_error"], n_boot=0, progress=False)
+    request = engine.Request("clt", parts, reconstruction=False, layers=True)
+    terms = engine.run(zoo_model, tokens, [request], engine.EngineOptions(progress=False))["clt"]
+    errors = terms["layer_sq_err"].sum(0)
+    assert set(frame["metric"]) == {"next_token_agreement", "per_layer_error"}
+    assert frame.set_index("metric").loc["per_layer_error", "hook"] == "+".join(
+        f"blocks.{i}.{WRITE}" for i in range(N_LAYERS))
+    assert float(errors.min()) > 0
