@@ -154,8 +154,7 @@ def evaluate(
     requests = [
         engine.Request(
             key=name, dictionaries=group, downstream=downstream,
-            reconstruction=len(group) == 1
-            and len(group[0].read_hooks) == len(group[0].write_hooks) == 1
+            reconstruction=len(group) == 1 and group[0].single
             and any(m.kind == "reconstruction" for m in metric_objs),
             layers=any(set(LAYER_TERMS) <= set(m.terms({})) for m in metric_objs),
             ablations=kinds, error_term=error_term, positions=positions, edits=tuple(edits),

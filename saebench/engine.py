@@ -102,8 +102,7 @@ class Request:
     @property
     def single(self) -> bool:
         """Whether the request splices one dictionary that reads one hook and writes one."""
-        return len(self.dictionaries) == 1 \
-            and len(self.dictionaries[0].read_hooks) == len(self.dictionaries[0].write_hooks) == 1
+        return len(self.dictionaries) == 1 and self.dictionaries[0].single
 
     @property
     def write_hooks(self) -> tuple[str, ...]:

@@ -160,6 +160,11 @@ class Dictionary:
         return self._single(self.write_hooks, "write")
 
     @property
+    def single(self) -> bool:
+        """Whether the dictionary reads one hook and writes one (not a part writing several)."""
+        return len(self.read_hooks) == len(self.write_hooks) == 1
+
+    @property
     def hooks(self) -> tuple[str, ...]:
         """Every hook the dictionary reads or writes, once each."""
         return tuple(dict.fromkeys(self.read_hooks + self.write_hooks))
@@ -600,13 +605,12 @@ def _check_shared(dictionaries: Sequence[Dictionary]) -> None:
     """Names are unique, and a write hook is shared only by parts of one replacement model."""
     names = [d.name for d in dictionaries]
     repeated = sorted({n for n in names if names.count(n) > 1})
-    writers: dict[str, set[str | None]] = {}
+    owners: dict[str, list[str | None]] = {}
     for d in dictionaries:
         for hook in d.write_hooks:
-            writers.setdefault(hook, set()).add(d.part_of)
-    counts = {h: sum(h in d.write_hooks for d in dictionaries) for h in writers}
-    shared = sorted(h for h, n in counts.items()
-                    if n > 1 and (len(writers[h]) > 1 or None in writers[h]))
+            owners.setdefault(hook, []).append(d.part_of)
+    shared = sorted(h for h, parts in owners.items()
+                    if len(parts) > 1 and (None in parts or len(set(parts)) > 1))
     for label, values in (("name", repeated), ("write hook", shared)):
         if values:
             raise ValueError(f"several dictionaries share the {label} {values}; splice "

@@ -139,13 +139,15 @@ def _layer_tensors(directory: Path, kind: str, layer: int, n_layers: int,
         files = {k: directory / f"{'W_dec' if k == 'W_dec' else 'W_enc'}_{layer}.safetensors"
                  for k in names}
     out: dict[str, Any] = {}
-    for key, name in names.items():
-        with safe_open(str(files[key]), framework="pt") as f:
-            if name not in set(f.keys()):
-                if key in ("threshold", "W_skip"):
-                    continue
-                raise ValueError(f"{files[key]}: no tensor {name!r}")
-            out[key] = tuple(f.get_slice(name).get_shape()) if shapes_only else f.get_tensor(name)
+    for path in dict.fromkeys(files.values()):  # each file opened once
+        with safe_open(str(path), framework="pt") as f:
+            stored = set(f.keys())
+            for key in (k for k, file in files.items() if file == path):
+                if names[key] in stored:
+                    out[key] = (tuple(f.get_slice(names[key]).get_shape()) if shapes_only
+                                else f.get_tensor(names[key]))
+                elif key not in ("threshold", "W_skip"):
+                    raise ValueError(f"{path}: no tensor {names[key]!r}")
     shape = (lambda v: tuple(v)) if shapes_only else (lambda v: tuple(v.shape))
     d_tc, d_model = shape(out["W_enc"])
     n_out = 1 if kind == "transcoder_set" else n_layers - layer
