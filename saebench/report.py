@@ -2,9 +2,10 @@
 
 The report reads top-down like a review: what needs attention (failed, regressed, errored
 checks), one matrix of the key metrics per dictionary, the plots, then every check folded
-per dictionary, the worst prompts and the feature ablations. The rows come from
-`saebench.results`; `render_report` is a pure function of the run's files (plots are
-referenced by path), `write_report` draws the plots into `plots/` and writes report.md.
+per dictionary, the worst prompts, the feature tables (ablations, fidelity, clamps) and the
+feature cards. The rows come from `saebench.results`; `render_report` is a pure function of
+the run's files (plots are referenced by path), `write_report` draws the plots into `plots/`
+and writes report.md.
 
     >>> write_report(Path("reports/20261201-153000-ab12"))  # .../report.md
 """
@@ -110,6 +111,10 @@ _DELTA_HEADER = "Δ vs baseline"
 _DELTA_NOTE = ("Δ vs baseline: new − baseline, oriented so that positive is better, its 95% "
                "interval (paired over the same sequences unless marked), and the verdict of "
                "the comparison.")
+_ABLATION_TABLES = ("", "ablation")
+"""`table` values of feature-ablation rows in features.csv ("": written before the column)."""
+_LOWEST_CORRELATIONS = 10
+_MARKDOWN_ACTIVE = re.compile(r"[\\`*_\[\]<>|~#&$]")
 _RESTATED = re.compile(r"(?P<metric>\S+) = \S+ (\[[^\]]*\]|no interval) \(n=[^)]*\) ")
 """The start of a message that restates a row's value, interval and n (`checks.judge`)."""
 _RESTATED_BASELINE = re.compile(
@@ -701,7 +706,9 @@ def _worst_prompts_section(per_prompt: pd.DataFrame, k: int) -> str:
 
 
 def _features_section(features: pd.DataFrame) -> str:
-    """Per feature-ablation check, its features' activations and effects, folded."""
+    """Per feature-ablation check, its features' activations and effects, folded (rows of
+    table "ablation", or none: written before features.csv had other tables)."""
+    features = features[features["table"].isin(_ABLATION_TABLES)]
     features = features.drop_duplicates(["check_id", "feature"], keep="last")
     parts = ["## Feature ablations"]
     for check_id, group in _groups(features, "check_id"):
@@ -713,11 +720,154 @@ def _features_section(features: pd.DataFrame) -> str:
         ]
         headers = ["feature", "mean activation", "active share", "logit-diff effect", "95% CI",
                    "answer-loss effect"]
-        where = "".join(f" · {html.escape(w)}"
-                        for w in _distinct(group["dictionary"]) + _distinct(group["task"]))
-        summary = f"<code>{html.escape(check_id)}</code>{where}"
-        parts.append(_fold(summary, _table(rows, headers, right=headers)))
+        parts.append(_fold(_feature_summary(check_id, group),
+                           _table(rows, headers, right=headers)))
     return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _feature_summary(check_id: str, rows: pd.DataFrame, *extra: str) -> str:
+    """A feature table's fold summary: its check id, dictionary, task and `extra` notes."""
+    where = [*_distinct(rows["dictionary"]), *_distinct(rows["task"]), *extra]
+    return f"<code>{html.escape(check_id)}</code>" + "".join(
+        f" · {html.escape(w)}" for w in where)
+
+
+def _fidelity_section(features: pd.DataFrame) -> str:
+    """Per feature-fidelity check, its features with the lowest correlation, folded."""
+    features = features[features["table"] == "fidelity"]
+    features = features.drop_duplicates(["check_id", "feature"], keep="last")
+    parts = ["## Feature fidelity",
+             f"Per check, the {_LOWEST_CORRELATIONS} features whose activation correlates least "
+             "between the clean and the spliced run."]
+    for check_id, group in _groups(features, "check_id"):
+        lowest = group.sort_values("correlation", na_position="last", kind="stable")
+        rows = [[format_value(r["feature"]), format_value(r["active_share"]),
+                 format_value(r["mean_activation"]), format_value(r["correlation"])]
+                for r in lowest.head(_LOWEST_CORRELATIONS).to_dict("records")]
+        headers = ["feature", "active share", "mean activation", "correlation"]
+        summary = _feature_summary(check_id, group, f"{len(group)} features")
+        parts.append(_fold(summary, _table(rows, headers, right=headers)))
+    return "\n\n".join(parts) if len(parts) > 2 else ""
+
+
+def _clamp_section(features: pd.DataFrame) -> str:
+    """Per feature-clamp check, each clamped feature, the feature read and its effects,
+    folded."""
+    features = features[features["table"] == "clamp"].drop_duplicates(
+        ["check_id", "feature", "read_dictionary", "read_feature", "clamp_value"], keep="last")
+    parts = ["## Feature clamps",
+             "Per check, each clamped feature, the feature of the read dictionary paired with "
+             "it, their clean correlation, the clamp value, and the read feature's mean change "
+             "per position (effect) with its 95% interval."]
+    for check_id, group in _groups(features, "check_id"):
+        rows = [[format_value(r["feature"]), format_value(r["read_feature"]),
+                 format_value(r["correlation"]), format_value(r["clamp_value"]),
+                 format_value(r["effect"]), format_ci(r["ci_low"], r["ci_high"])]
+                for r in group.to_dict("records")]
+        headers = ["feature", "read feature", "correlation", "clamp value", "effect", "95% CI"]
+        read = [f"reads {d}" for d in _distinct(group["read_dictionary"])]
+        parts.append(_fold(_feature_summary(check_id, group, *read),
+                           _table(rows, headers, right=headers)))
+    return "\n\n".join(parts) if len(parts) > 2 else ""
+
+
+def _cards_section(features: pd.DataFrame) -> str:
+    """Per dictionary, a card per feature (the last row of each), folded: density, mean and
+    max activation, the logit lens's top and bottom tokens, and the top contexts with the
+    activating token in bold."""
+    cards = features[features["table"] == "card"]
+    cards = cards.drop_duplicates(["dictionary", "feature"], keep="last")
+    if cards.empty:
+        return ""
+    parts = ["## Feature cards",
+             "Per dictionary, what each feature responds to: its density (share of positions "
+             "where it is nonzero), mean and max activation, the tokens its decoder direction "
+             "promotes and suppresses most (logit lens), and the contexts where it activates "
+             "most, the activating token in bold."]
+    for dictionary, group in _groups(cards, "dictionary"):
+        records = group.to_dict("records")
+        contexts = [_json_list(r["contexts"]) for r in records]
+        tokens = [t for cs in contexts for c in cs for t in c.get("tokens", ())]
+        joiner = "" if any(str(t).startswith(" ") for t in tokens) else " "
+        body = "\n\n".join(_card(dictionary, r, cs, joiner)
+                            for r, cs in zip(records, contexts, strict=True))
+        n = len(records)
+        summary = (f"<b>{html.escape(dictionary or '(no dictionary)')}</b> · {n} feature "
+                   f"card{'' if n == 1 else 's'}")
+        parts.append(_fold(summary, body))
+    return "\n\n".join(parts)
+
+
+def _card(dictionary: str, row: dict[str, Any], contexts: list[dict], joiner: str) -> str:
+    """One feature's card: a heading, its activation statistics, its logit lens, and its
+    contexts as a list (tokens joined by `joiner`: "" for tokenizers whose tokens carry
+    their spaces, else a space)."""
+    heading = f"#### feature {format_value(row['feature'])} of {_markdown(dictionary)}"
+    lines = [f"density {format_value(row['active_share'])} · mean activation "
+             f"{format_value(row['mean_activation'])} · max activation "
+             f"{format_value(row['max_activation'])}"]
+    lens = [(label, _json_list(row[column])) for label, column in
+            (("promotes", "logit_top"), ("suppresses", "logit_bottom"))]
+    lens_items = [f"{label} " + " ".join(f"{_code(str(t))} ({format_value(v)})"
+                                         for t, v in pairs)
+                  for label, pairs in lens if pairs]
+    if lens_items:
+        lines.append("logit lens: " + " · ".join(lens_items))
+    body = heading + "\n\n" + "  \n".join(lines)
+    items = [f"- {format_value(c.get('activation'))} · row {c.get('row')}, position "
+             f"{c.get('position')}: {_context_text(c, joiner)}" for c in contexts]
+    return body + ("\n\n" + "\n".join(items) if items else "")
+
+
+def _context_text(context: dict, joiner: str) -> str:
+    """A context's tokens as Markdown text, the activating one (`at`) in bold."""
+    shown = []
+    for i, token in enumerate(context.get("tokens", ())):
+        text = _markdown(_visible(str(token)))
+        if i == context.get("at") and text:  # its spaces outside the ** (else no bold)
+            lead, core, trail = re.fullmatch(r"( *)(.*?)( *)", text).groups()
+            text = f"{lead}**{core}**{trail}"
+        shown.append(text)
+    return joiner.join(shown)
+
+
+def _visible(token: str) -> str:
+    """A token's whitespace made visible: line breaks as ⏎, tabs as ⇥, and a token of
+    spaces only as ␣ per space.
+
+    >>> _visible("\\n"), _visible(" the"), _visible("  ")
+    ('⏎', ' the', '␣␣')
+    """
+    text = token.replace("\r\n", "⏎").replace("\n", "⏎").replace("\r", "⏎")
+    text = text.replace("\t", "⇥")
+    return "␣" * len(text) if text and not text.strip(" ") else text
+
+
+def _markdown(text: str) -> str:
+    """Text with Markdown's (and HTML's) active characters backslash-escaped, so it shows
+    as written.
+
+    >>> _markdown("a*b|c_<d>")
+    'a\\\\*b\\\\|c\\\\_\\\\<d\\\\>'
+    """
+    return _MARKDOWN_ACTIVE.sub(r"\\\g<0>", text)
+
+
+def _code(text: str) -> str:
+    """Text as an inline code span, whitespace made visible, fenced past any backticks."""
+    text = _visible(text)
+    fence = "`" * (max((len(m) for m in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _json_list(text: Any) -> list:
+    """A JSON list cell (contexts, logit-lens tokens) as a list; [] when empty or unreadable."""
+    try:
+        value = json.loads(text) if isinstance(text, str) and text else []
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []
 
 
 # --------------------------------------------------------------------------- the report
@@ -726,7 +876,8 @@ def _features_section(features: pd.DataFrame) -> str:
 def render_report(run_dir: Path, worst_prompts: int = 5) -> str:
     """The Markdown report of a run: summary and provenance, what needs attention, the
     summary matrix, the plots (by path; `write_report` draws them), every check folded per
-    dictionary, then the worst prompts and feature ablations when the run has them.
+    dictionary, then the worst prompts, feature tables and feature cards when the run has
+    them.
 
     >>> print(render_report(Path("reports/20261123-081530-ab12")))
     # saebench report 20261123-081530-ab12
@@ -741,7 +892,9 @@ def render_report(run_dir: Path, worst_prompts: int = 5) -> str:
     if worst_prompts > 0:
         parts.append(_worst_prompts_section(read_per_prompt(run_dir), worst_prompts))
     if (run_dir / FEATURES_FILE).is_file():
-        parts.append(_features_section(read_table(run_dir / FEATURES_FILE, FEATURE_COLUMNS)))
+        features = read_table(run_dir / FEATURES_FILE, FEATURE_COLUMNS)
+        parts += [section(features) for section in
+                  (_features_section, _fidelity_section, _clamp_section, _cards_section)]
     return "\n\n".join(p for p in parts if p) + "\n"
 
 

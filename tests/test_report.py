@@ -427,6 +427,29 @@ def test_features_section(tmp_path: Path) -> None:
     assert "[-0.5, —]" in lines[0] and "-0.25" in lines[1]
 
 
+def test_fidelity_and_clamp_tables(tmp_path: Path) -> None:
+    append_rows(tmp_path / "results.csv", [result("d1::feature_fidelity", "pass")])
+    ids = {"run_id": "r", "suite": "toy", "dictionary": "d1"}
+    fidelity = {**ids, "check_id": "d1::feature_fidelity", "table": "fidelity"}
+    clamp = {**ids, "check_id": "d1::feature_clamp", "table": "clamp", "read_dictionary": "d2"}
+    append_rows(tmp_path / "features.csv", [
+        *({**fidelity, "feature": f, "active_share": 0.1, "mean_activation": 0.5,
+           "correlation": 1 - f / 100} for f in range(12)),
+        {**clamp, "feature": 4, "read_feature": 9, "correlation": 0.75, "clamp_value": 2.0,
+         "effect": 0.5, "ci_low": 0.25, "ci_high": 0.75},
+        {**ids, "check_id": "d1::feature_cards", "table": "card", "feature": 4,
+         "active_share": 0.1, "mean_activation": 0.5, "max_activation": 3.0}])
+    text = render_report(tmp_path)
+    assert "## Feature ablations" not in text  # no row of the ablation table
+    _, *lines = folded_rows(text, "<code>d1::feature_fidelity</code> · d1 · 12 features")
+    assert [line[0] for line in lines] == [str(f) for f in range(11, 1, -1)]  # 10 lowest
+    header, line = folded_rows(text, "<code>d1::feature_clamp</code> · d1 · reads d2")
+    assert header[:2] == ["feature", "read feature"]
+    assert line == ["4", "9", "0.75", "2", "0.5", "[0.25, 0.75]"]
+    assert "<b>d1</b> · 1 feature card</summary>" in text
+    assert "#### feature 4 of d1" in text
+
+
 def test_no_optional_sections_without_their_files(run_dir: Path) -> None:
     text = render_report(run_dir)
     assert "## Worst prompts" not in text and "## Feature ablations" not in text
@@ -496,7 +519,7 @@ def test_docstring_examples_of_formatters() -> None:
     runner = doctest.DocTestRunner()
     functions = (report.format_value, report.format_ci, report.format_delta,
                  report.split_check_id, report._compact_hooks, report._json_items,
-                 results.new_run_id)
+                 report._visible, report._markdown, results.new_run_id)
     for function in functions:
         module = results if function is results.new_run_id else report
         for test in doctest.DocTestFinder().find(function, globs=vars(module)):
