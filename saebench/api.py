@@ -16,6 +16,7 @@ provenance (library versions, device, dtype, token-set hash, seed), plus `error_
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,9 +26,8 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from saebench import engine, results
-from saebench.metrics import pathological as patho
-from saebench.metrics.registry import LAYER_TERMS, Metric, get_metric
+from saebench import engine, plan, results
+from saebench.metrics.registry import METRICS, Metric, Site, get_metric
 from saebench.splice import Dictionary, FeatureEdit, as_dictionary
 from saebench.stats import summarize
 from saebench.suite import check_id
@@ -37,7 +37,6 @@ DEFAULT_METRICS = (
     "mse", "cossim", "l2_ratio", "relative_reconstruction_bias", "dead_fraction",
     "dense_fraction",
 )
-ABLATION_METRICS = ("ce_loss_recovered", "kl_div_score")
 
 
 def token_set_hash(tokens: torch.Tensor) -> str:
@@ -76,13 +75,23 @@ def _as_sets(dictionaries: Any) -> dict[str, tuple[Dictionary, ...]]:
     return sets
 
 
-def _option_sets(metric: Metric, ablations: tuple[str, ...], n_draws: int) -> list[dict]:
-    """The options each row of `metric` is computed with (one row per option set)."""
-    if metric.name in ABLATION_METRICS:
-        return [{"ablation": kind} for kind in ablations]
-    if metric.name == patho.NAME:
-        return [{"baseline": kind, "n_draws": n_draws} for kind in patho.BASELINE_TERMS]
-    return [{}]
+def _option_sets(metric: Metric, given: Mapping[str, Any]) -> list[dict]:
+    """The options each row of `metric` is computed with (one row per option set): for each
+    of its options, the values `given` (a list or tuple: one row each), else every allowed
+    value of an option marked `each`, else its default; validated."""
+    choices = {}
+    for name, option in metric.options.items():
+        if name in given:
+            value = given[name]
+            choices[name] = list(value) if isinstance(value, list | tuple) else [value]
+        elif option.each:
+            choices[name] = list(option.choices)
+    sets = [dict(zip(choices, values, strict=True))
+            for values in itertools.product(*choices.values())]
+    for opts in sets:
+        for name, option in metric.options.items():
+            option.value(opts, name)
+    return sets
 
 
 def _special_ids(exclude: bool | Sequence[int]) -> list[int] | None:
@@ -115,8 +124,10 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = True,
-    n_draws: int = patho.DEFAULT_DRAWS,
+    n_draws: int | None = None,
     stack: bool | None = None,
+    options: Mapping[str, Any] | None = None,
+    read: Any = None,
 ) -> pd.DataFrame:
     """Evaluate dictionaries spliced into `model` on `tokens` [n_sequences, seq_len].
 
@@ -124,8 +135,13 @@ def evaluate(
     dictionaries spliced together. Each dictionary is a sae_lens SAE/transcoder or anything
     `saebench.splice.as_dictionary` adapts. `exclude_special_tokens`: True takes BOS/EOS/PAD
     from the tokenizer (as sae_lens does), False excludes nothing, a list gives the ids.
-    `seed` seeds the bootstrap and the random draws of `pathological_error` (`n_draws` per
-    baseline; one row per baseline, isotropic and covariance; single dictionaries only).
+    `options`: metric options by name (`{"k": 5, "dense_threshold": 0.05}`), each applied to
+    the metrics that take it; a list gives one row per value, as `ablation` does; an option
+    left out takes its default, or one row per value for those that report every value
+    (pathological_error's `baseline`). `n_draws` is the option of that name. `read`: the
+    dictionaries (same forms as `dictionaries`) that metrics reading a dictionary without
+    splicing it (feature_fidelity) read, one row each.
+    `seed` seeds the bootstrap and the random draws of `pathological_error`.
     `stack`: dictionaries sharing a write hook (a sweep) are spliced in one pass stacked
     along the batch where memory allows (values then agree to float rounding, ~1e-7); by
     default on CUDA only (on a CPU it pays off only for small batches:
@@ -138,66 +154,90 @@ def evaluate(
         raise ValueError(f"{', '.join(task_metrics)} are measured on a task's prompts, not on "
                          "token data: use saebench.tasks.run_task(model, prompts, requests) "
                          "(or a suite check with task:)")
-    kinds = (ablation,) if isinstance(ablation, str) else tuple(ablation)
+    unknown = set(options or {}) - {k for m in METRICS.values() for k in m.options}
+    if unknown:
+        raise ValueError(f"no metric takes the option(s) {', '.join(sorted(unknown))}")
+    given = {"ablation": ablation, **({} if n_draws is None else {"n_draws": n_draws}),
+             **(options or {})}
+    rows_of = {m.name: _option_sets(m, given) for m in metric_objs}
     sets = _as_sets(dictionaries)
+    reads = _as_sets(read) if read is not None else {}
+    readers = [m.name for m in metric_objs if m.reads]
+    if readers and not reads:
+        raise ValueError(f"{', '.join(readers)} read a dictionary they do not splice: pass "
+                         "read={name: dictionary}")
     device = engine.resolve_device(device)
     torch_dtype = engine.resolve_dtype(dtype)
     model = model.to(device) if torch_dtype is None else model.to(device).to(torch_dtype)
-    for group in sets.values():
+    for group in (*sets.values(), *reads.values()):
         for d in group:
             if hasattr(d.module, "to"):
                 d.module.to(device)
-    downstream = any(m.kind == "downstream" for m in metric_objs)
-    pathological = any(m.name == patho.NAME for m in metric_objs)
-    if pathological:
-        patho.n_draws({"n_draws": n_draws})
-    requests = [
-        engine.Request(
-            key=name, dictionaries=group, downstream=downstream,
-            reconstruction=len(group) == 1 and group[0].single
-            and any(m.kind == "reconstruction" for m in metric_objs),
-            layers=any(set(LAYER_TERMS) <= set(m.terms({})) for m in metric_objs),
-            ablations=kinds, error_term=error_term, positions=positions, edits=tuple(edits),
-            pathological_draws=n_draws if pathological and len(group) == 1 else 0,
-            pathological_seed=seed,
-        )
-        for name, group in sets.items()
-    ]
-    options = engine.EngineOptions(batch_size=batch_size, device=device, dtype=torch_dtype,
-                                   exclude_special_tokens=bool(exclude_special_tokens),
-                                   special_token_ids=_special_ids(exclude_special_tokens),
-                                   progress=progress,
-                                   stack_bytes=_stack_bytes(stack, device))
-    terms = engine.run(model, tokens, requests, options)
-    base = {**provenance(model, tokens, seed), "model_hash": model_hash(model),
-            "error_term": error_term}
+    common = plan.Common(positions=positions, error_term=error_term, edits=tuple(edits),
+                         seed=seed)
+    requests, wanted = [], {}
+    for name, group in sets.items():
+        for read_name in (None, *reads):
+            site = Site(group, reads[read_name] if read_name else (), model)
+            runs: list[tuple[dict, list]] = []  # (run-shaping option values, wants)
+            for m in metric_objs:
+                if m.reads != bool(read_name) or not _measurable(m, group, name):
+                    continue
+                for o in rows_of[m.name]:
+                    shaping = {k: o.get(k) for k in m.run_options if k != "seed"}
+                    run = next((r for r in runs if all(r[0].get(k, v) == v
+                                                       for k, v in shaping.items())), None)
+                    if run is None:
+                        runs.append(run := ({}, []))
+                    run[0].update(shaping)
+                    run[1].append((m, o, read_name))
+            for i, (_, wants) in enumerate(runs):
+                key = (name if read_name is None else f"{name}->{read_name}") + f"#{i}" * bool(i)
+                requests.append(plan.token_request(key, group, [(m, o) for m, o, _ in wants],
+                                                   site, common))
+                wanted[key] = (name, wants)
+    engine_options = engine.EngineOptions(
+        batch_size=batch_size, device=device, dtype=torch_dtype,
+        exclude_special_tokens=bool(exclude_special_tokens),
+        special_token_ids=_special_ids(exclude_special_tokens), progress=progress,
+        stack_bytes=_stack_bytes(stack, device))
+    terms = engine.run(model, tokens, requests, engine_options) if requests else {}
+    base = {**provenance(model, tokens, seed), "model_hash": model_hash(model)}
     rows = []
     for request in requests:
+        name, wants = wanted[request.key]
         identity = _identity(request.dictionaries)
-        for metric in metric_objs:
-            if metric.kind == "reconstruction" and not request.reconstruction:
-                continue
-            missing = set(metric.terms({})) - set(terms[request.key])
+        for metric, opts, read_name in wants:
+            missing = set(metric.terms(opts)) - set(terms[request.key])
             if missing:
-                why = ("it needs a single dictionary" if metric.name == patho.NAME
-                       else "the dictionary exposes no feature activations")
-                warnings.warn(f"{request.key}: {metric.name} skipped: {why} "
-                              f"({', '.join(sorted(missing))})", stacklevel=2)
+                warnings.warn(f"{name}: {metric.name} skipped: the dictionary exposes no "
+                              f"feature activations ({', '.join(sorted(missing))})",
+                              stacklevel=2)
                 continue
-            for opts in _option_sets(metric, kinds, n_draws):
-                summary = summarize(metric, terms[request.key], opts, n_boot=n_boot, seed=seed)
-                rows.append(results.row(
-                    check_id=check_id((request.key,), metric.name, None, opts),
-                    dictionary=request.key, metric=metric.name,
-                    options=json.dumps(opts, sort_keys=True),
-                    value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
-                    n=summary.n, verdict=summary.verdict, message=summary.reason,
-                    higher_is_better=metric.higher_is_better,
-                    parts=json.dumps(summary.parts, sort_keys=True), **identity,
-                    **{k: v for k, v in base.items() if k != "error_term"}))
+            summary = summarize(metric, terms[request.key], opts, n_boot=n_boot, seed=seed)
+            rows.append(results.row(
+                check_id=check_id((name,), metric.name, None, opts, read_name),
+                dictionary=name, metric=metric.name,
+                options=json.dumps({**opts, **({"read": read_name} if read_name else {})},
+                                   sort_keys=True),
+                value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
+                n=summary.n, verdict=summary.verdict, message=summary.reason,
+                higher_is_better=metric.higher_is_better,
+                parts=json.dumps(summary.parts, sort_keys=True), **identity, **base))
     frame = pd.DataFrame(rows, columns=results.RESULT_COLUMNS)
     frame["error_term"] = error_term
     return frame
+
+
+def _measurable(metric: Metric, group: tuple[Dictionary, ...], name: str) -> bool:
+    """Whether `metric` applies to the spliced set `group`: a metric of one dictionary's
+    reconstruction is left out on a set silently, another one-hook metric with a warning."""
+    if not metric.one_hook or (len(group) == 1 and group[0].single):
+        return True
+    if metric.kind != "reconstruction":
+        warnings.warn(f"{name}: {metric.name} skipped: it needs a single dictionary reading "
+                      "one hook and writing one", stacklevel=3)
+    return False
 
 
 def _identity(group: tuple[Dictionary, ...]) -> dict[str, Any]:

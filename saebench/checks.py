@@ -30,18 +30,19 @@ from typing import Any, NamedTuple
 
 import torch
 
-from saebench import engine, resolve, results, tasks
+from saebench import engine, plan, resolve, results, tasks
 from saebench.api import model_hash, provenance
-from saebench.metrics.pathological import DEFAULT_DRAWS
+from saebench.cards import feature_cards
 from saebench.metrics.registry import (
-    LAYER_TERMS,
     RANDOM,
     Metric,
+    Site,
+    TableContext,
     get_metric,
     margin_over_random,
 )
 from saebench.splice import Dictionary, FeatureEdit, position_mask, random_like
-from saebench.stats import Summary, summarize
+from saebench.stats import Summary, bootstrap_interval, summarize
 from saebench.suite import (
     MARGIN_TARGETS,
     OPTIONS,
@@ -57,11 +58,6 @@ CLEAN_PASS_BUDGET = 2 << 30
 once for all its groups (the toy suite needs about 0.5 GB); above it, each group runs it."""
 MESSAGE_LIMIT = 600
 """A message in a result row or a failure is cut to about this many characters."""
-
-
-ONE_HOOK_METRICS = ("pathological_error", "remainder_dla", "feature_ablation")
-"""Metrics besides the reconstruction ones that need a dictionary with one read and one
-write hook (not a replacement model)."""
 
 
 @dataclass(frozen=True)
@@ -136,18 +132,15 @@ VERDICTS = ("pass", "fail", "xfail", "xpass", "error", "empty", "unstable", "ski
 
 
 def _options(check: Check) -> dict[str, Any]:
+    """Every effective option of `check`: the common defaults, its metric's, its own."""
     merged = {k: o.default for k, o in OPTIONS.items() if o.default is not None}
-    return merged | dict(check.options)
-
-
-METRIC_OPTIONS = ("ablation", "dense_threshold", "normalize", "share", "k", "baseline")
-"""Check options read when a metric is summarised (the others shape the passes)."""
+    return merged | get_metric(check.metric).defaults() | dict(check.options)
 
 
 def metric_options(check: Check) -> dict[str, Any]:
-    """The options of `check` that its metric reads when summarised."""
-    opts = _options(check)
-    return {k: opts[k] for k in METRIC_OPTIONS if k in opts}
+    """The options of `check` that belong to its metric (with their defaults)."""
+    metric = get_metric(check.metric)
+    return metric.defaults() | {k: v for k, v in check.options if k in metric.options}
 
 
 def _needed_terms(check: Check) -> tuple[str, ...]:
@@ -186,6 +179,7 @@ class SuiteRun:
         self._prepared = False
         self._terms: dict[tuple, dict[str, torch.Tensor]] = {}
         self._task_rows: dict[tuple, tuple[list[dict], list[dict]]] = {}
+        self._probes: dict[tuple, dict] = {}
         self._compute_s: dict[str, float] = {}
         self._memo = engine.RunMemo()
 
@@ -194,6 +188,7 @@ class SuiteRun:
         computed on its own sees (a test compares it with the whole suite's run)."""
         run = copy.copy(self)
         run._terms, run._task_rows, run._problems = {}, {}, dict(self._problems)
+        run._probes = {}
         run._compute_s, run._memo = {}, engine.RunMemo(hooks=self._memo.hooks)
         return run
 
@@ -345,17 +340,18 @@ class SuiteRun:
             if bad:
                 problem = (f"{where}.edits: features {bad} of {edit.dictionary!r} are outside "
                            f"0..{d_sae - 1} (d_sae={d_sae})")
-        k = opts.get("k")
-        if k is not None and "k" in get_metric(check.metric).run_options:
-            info = self.infos.get(check.dictionaries[0])
-            if info is not None and info.d_sae is not None and k > info.d_sae:
-                problem = f"{where}.k: k={k} is more than the dictionary's {info.d_sae} features"
+        metric = get_metric(check.metric)
+        info = self.infos.get(check.dictionaries[0])
+        for name, option in metric.options.items():
+            bound = getattr(info, option.at_most, None) if option.at_most else None
+            if bound is not None and opts.get(name) is not None and opts[name] > bound:
+                problem = (f"{where}.{name}: {name}={opts[name]} is more than the dictionary's "
+                           f"{option.at_most} {bound}")
         positions = opts["positions"]
         if not isinstance(positions, str):
             problem = problem or self._position_problem(check, positions, where)
-        metric = get_metric(check.metric)
         several = [n for n in check.dictionaries if n in self.infos and not self.infos[n].single]
-        if several and (metric.kind == "reconstruction" or check.metric in ONE_HOOK_METRICS):
+        if several and metric.one_hook:
             info = self.infos[several[0]]
             problem = problem or (
                 f"{self.suite.path}:{check.line}: {check.where or check.id}: {check.metric} "
@@ -383,7 +379,7 @@ class SuiteRun:
     def problem(self, check: Check) -> Problem | None:
         """What stops `check` from being computed, or None: the suite, one of its
         dictionaries, its task or its own options. Errors win over skips."""
-        keys = ["suite", *(f"dictionary:{n}" for n in check.dictionaries),
+        keys = ["suite", *(f"dictionary:{n}" for n in _entries(check)),
                 *([f"task:{check.task}"] if check.task else []), f"check:{check.id}"]
         found = [self._problems[k] for k in keys if k in self._problems]
         errors = [p for p in found if p.verdict == "error"]
@@ -399,13 +395,13 @@ class SuiteRun:
         and the same values of every option that shapes their run (seeds included)."""
         opts = {**_options(check), "seed": self._seed(check)}
         shaping = tuple((k, opts.get(k)) for k in get_metric(check.metric).run_options)
-        return (check.dictionaries, check.task, opts["positions"], opts["error_term"],
-                opts["edits"], shaping)
+        return (check.dictionaries, check.task, check.read, opts["positions"],
+                opts["error_term"], opts["edits"], shaping)
 
     def _random_key(self, check: Check) -> tuple:
         """The request of `check`'s random baseline: its set, passes and ablations with
         random-weight dictionaries drawn from the check's seed."""
-        return (*self._request_key(check)[:5], (("random", self._seed(check)),))
+        return (*self._request_key(check)[:-1], (("random", self._seed(check)),))
 
     def _keys(self, check: Check) -> list[tuple]:
         """The requests whose terms `check` reads."""
@@ -431,7 +427,7 @@ class SuiteRun:
         """
         started = time.perf_counter()
         pending = self.uncomputed(checks)
-        for name in dict.fromkeys(n for c in pending for n in c.dictionaries):
+        for name in dict.fromkeys(n for c in pending for n in _entries(c)):
             if name not in self._dictionaries and f"dictionary:{name}" not in self._problems:
                 with contextlib.suppress(SuiteError, resolve.HubUnavailable):
                     self._load_dictionary(name, self.device)  # a failure is kept
@@ -484,96 +480,83 @@ class SuiteRun:
                                         result.features.get(request.key, []))
         for key, request in zip(groups, requests, strict=True):
             self._terms.setdefault(key, {}).update(terms[request.key])
+            probes = request.probes if isinstance(request, engine.Request) else ()
+            self._probes[key] = {p.key: p for p in probes}
 
     def _parts(self, names: tuple[str, ...]) -> tuple[Dictionary, ...]:
         """The dictionaries spliced for a check on the entries `names` (every part of each)."""
         return tuple(part for name in names for part in self._dictionaries[name])
 
+    def _want(self, index: int, key: tuple, group: list[Check]
+              ) -> tuple[str, tuple[Dictionary, ...], list[plan.Want], Site, plan.Common]:
+        """What the planner needs to build the request of `group` (checks sharing `key`)."""
+        first, opts = group[0], _options(group[0])
+        dictionaries = self._parts(key[0])
+        read = self._parts((first.read,)) if first.read else ()
+        common = plan.Common(positions=opts["positions"], error_term=opts["error_term"],
+                             edits=_feature_edits(key, opts), seed=self._seed(first))
+        wants = [(get_metric(c.metric), metric_options(c)) for c in group]
+        site = Site(dictionaries, read, self.model)
+        return f"{index}:" + "+".join(key[0]), dictionaries, wants, site, common
+
     def _task_request(self, index: int, key: tuple, group: list[Check]) -> tasks.TaskRequest:
-        options = [_options(c) for c in group]
-        metrics = {c.metric for c in group}
-        first = group[0]
-        return tasks.TaskRequest(
-            key=f"{index}:" + "+".join(key[0]),
-            dictionaries=self._parts(key[0]),
-            ablations=tuple(sorted({o["normalize"] for o in options} - {"none"})) or ("zero",),
-            error_term=options[0]["error_term"],
-            positions=options[0]["positions"],
-            edits=_feature_edits(key, options[0]),
-            dla="remainder_dla" in metrics,
-            feature_k=(options[0].get("k") or 3) if "feature_ablation" in metrics else None,
-            seed=self._seed(first),
-            n_boot=options[0]["n_boot"],
-        )
+        return plan.task_request(*self._want(index, key, group))
 
     def _request(self, index: int, key: tuple, group: list[Check]) -> engine.Request:
-        dictionaries = self._parts(key[0])
-        if key[5] and key[5][0][0] == "random":
-            return self._random_request(index, key, group, dictionaries)
-        metrics = [get_metric(c.metric) for c in group]
-        options = [_options(c) for c in group]
-        positions = options[0]["positions"]
-        return engine.Request(
-            key=f"{index}:" + "+".join(key[0]),
-            dictionaries=dictionaries,
-            downstream=any(m.kind == "downstream" for m in metrics),
-            reconstruction=any(m.kind == "reconstruction" for m in metrics),
-            layers=any(set(LAYER_TERMS) <= set(_needed_terms(c)) for c in group),
-            ablations=tuple(sorted({o["ablation"] for o in options})),
-            error_term=options[0]["error_term"],
-            positions=None if positions == "all" else positions,
-            edits=_feature_edits(key, options[0]),
-            **_pathological(group, options, self._seed(group[0])),
-        )
-
-    def _random_request(self, index: int, key: tuple, group: list[Check],
-                        dictionaries: tuple[Dictionary, ...]) -> engine.Request:
-        """The spliced run of random-weight dictionaries shaped like `dictionaries`."""
-        seed = key[5][0][1]
-        options = [_options(c) for c in group]
-        return engine.Request(
-            key=f"{index}:random:" + "+".join(key[0]),
-            dictionaries=tuple(random_like(d, seed) for d in dictionaries),
-            reconstruction=False,
-            ablations=tuple(sorted({o["ablation"] for o in options})),
-            error_term=options[0]["error_term"],
-            positions=None if options[0]["positions"] == "all" else options[0]["positions"],
-            edits=_feature_edits(key, options[0]))
+        name, dictionaries, wants, site, common = self._want(index, key, group)
+        if key[-1] and key[-1][0][0] == "random":
+            randoms = tuple(random_like(d, key[-1][0][1]) for d in dictionaries)
+            return plan.random_request(name.replace(":", ":random:", 1), randoms, wants,
+                                       site, common)
+        return plan.token_request(name, dictionaries, wants, site, common)
 
     def extra_rows(self, check: Check) -> dict[str, list[dict[str, Any]]]:
         """Prompt-, feature- and layer-level rows of a check, for `per_prompt.csv`,
-        `features.csv` and `layers.csv`: the logit differences with `logit_diff_recovered`,
-        the DLA terms with `remainder_dla`, the feature table with `feature_ablation`, each
-        write hook's error with `per_layer_error`."""
-        per_prompt, features = self._task_rows.get(self._request_key(check), ([], []))
-        wanted = {"logit_diff_recovered": "ld_", "remainder_dla": "dla_"}.get(check.metric)
-        base = {"suite": self.suite.name, "check_id": check.id,
-                "dictionary": "+".join(check.dictionaries), "task": check.task or ""}
-        out: dict[str, list[dict[str, Any]]] = {}
-        if wanted:
-            out["per_prompt.csv"] = [
-                {**base, **{k: v for k, v in row.items()
-                            if not isinstance(v, float) or k.startswith(wanted)}}
-                for row in per_prompt]
-        if check.metric == "feature_ablation":
-            out["features.csv"] = [{**base, **row} for row in features]
-        if check.metric == "per_layer_error":
-            out[results.LAYERS_FILE] = self._layer_rows(check, base)
-        return out
-
-    def _layer_rows(self, check: Check, base: dict[str, Any]) -> list[dict[str, Any]]:
-        """One row per write hook of a `per_layer_error` check: its value and interval."""
+        `features.csv` and `layers.csv`: what its metric's `tables` make of its request."""
+        metric = get_metric(check.metric)
         terms = self._terms.get(self._request_key(check))
         if not terms or self.problem(check) is not None:
-            return []
-        hooks = dict.fromkeys(h for n in check.dictionaries for h in self.infos[n].write_hooks)
-        metric, rows = get_metric(check.metric), []
-        for layer, hook in enumerate(hooks):
-            summary = summarize(metric, terms, {**metric_options(check), "layer": layer},
-                                n_boot=_options(check)["n_boot"], seed=self._seed(check))
-            rows.append({**base, "layer": layer, "hook": hook, "value": summary.value,
-                         "ci_low": summary.ci_low, "ci_high": summary.ci_high})
-        return rows
+            return {}
+        per_prompt, features = self._task_rows.get(self._request_key(check), ([], []))
+        n_boot, seed = _options(check)["n_boot"], self._seed(check)
+        context = TableContext(
+            terms=terms, options=metric_options(check), n_boot=n_boot, seed=seed,
+            summarize=lambda m, o, t: summarize(m, t, o, n_boot=n_boot, seed=seed),
+            interval=lambda values, counts=None: bootstrap_interval(values, n_boot, seed, counts),
+            probes=self._probes.get(self._request_key(check), {}),
+            write_hooks=tuple(dict.fromkeys(h for n in check.dictionaries
+                                            for h in self.infos[n].write_hooks)),
+            per_prompt=tuple(per_prompt), features=tuple(features))
+        base = {"suite": self.suite.name, "check_id": check.id,
+                "dictionary": "+".join(check.dictionaries), "task": check.task or ""}
+        tables = metric.tables(context) if metric.tables is not None else {}
+        features = tables.get(results.FEATURES_FILE, [])
+        if features or _options(check)["features"]:
+            tables[results.FEATURES_FILE] = [*features, *self._cards(check, features)]
+        return {file: [{**base, **row} for row in rows] for file, rows in tables.items()}
+
+    def _cards(self, check: Check, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Feature cards over the suite's tokens for every feature a check's tables name (an
+        ablated or clamped feature, a clamp's downstream feature) and its `features` option;
+        only for dictionaries reading one hook and writing one."""
+        wanted: dict[str, list[int]] = defaultdict(list)
+        own = check.dictionaries[0] if len(check.dictionaries) == 1 else None
+        for row in rows:
+            if row.get("table") in ("ablation", "clamp") and own:
+                wanted[own].append(row["feature"])
+            if row.get("read_feature") is not None:
+                wanted[check.read].append(row["read_feature"])
+        if own:
+            wanted[own] += _options(check)["features"]
+        cards = []
+        for name, features in wanted.items():
+            parts = self._parts((name,))
+            if len(parts) != 1 or not parts[0].single or not parts[0].has_features:
+                continue
+            cards += [{"dictionary": name, **card} for card in feature_cards(
+                self.model, self.tokens, parts[0], sorted(set(features)),
+                batch_size=_options(check)["batch_size"])]
+        return cards
 
     # -- rows ------------------------------------------------------------------------
 
@@ -588,7 +571,7 @@ class SuiteRun:
             "prompts": self._task_hashes.get(check.task) if check.task else None,
             "options": {k: _jsonable(v) for k, v in sorted(opts.items())},
             "dictionaries": [{**self.infos[n].identity, "hook": self.suite.dictionaries[n].hook}
-                             if n in self.infos else n for n in check.dictionaries],
+                             if n in self.infos else n for n in _entries(check)],
             "model": repr(self.suite.model),
             "device": str(self.provenance.get("device")).split(":")[0],  # cuda:1 = cuda
             **{k: self.provenance.get(k) for k in ("dtype", "token_set")},
@@ -693,15 +676,9 @@ def _batch_status(status: Status | None, what: str) -> Callable[[int, int | None
     return lambda done, total: status(f"{what}: {done}/{total or '?'} sequences")
 
 
-def _pathological(group: list[Check], options: list[dict[str, Any]], seed: int) -> dict:
-    """The engine request fields for the `pathological_error` checks of a group (one
-    `n_draws` and seed per group: both are in the request key)."""
-    wanted = [o for c, o in zip(group, options, strict=True) if c.metric == "pathological_error"]
-    if not wanted:
-        return {}
-    return {"pathological_draws": wanted[0].get("n_draws") or DEFAULT_DRAWS,
-            "pathological_seed": seed,
-            "pathological_baselines": tuple(sorted({o["baseline"] for o in wanted}))}
+def _entries(check: Check) -> tuple[str, ...]:
+    """The dictionary entries `check` uses: those it splices, then the one it reads."""
+    return (*check.dictionaries, *([check.read] if check.read else []))
 
 
 def _feature_edits(key: tuple, options: dict[str, Any]) -> tuple[FeatureEdit, ...]:

@@ -7,12 +7,12 @@ cached residual stream (`start_at_layer`), and a run that needs no logits stops 
 (`stop_at_layer`). Ablating a whole residual stream at every position makes everything
 after it independent of the tokens, so that pass is run once for one row and reused.
 
-A request with `pathological_draws > 0` also gets, per random baseline and draw, one pass
+A request with `noise_draws > 0` also gets, per random baseline and draw, one pass
 with the write-hook activation moved by a random ε of the spliced error's norm at each
 spliced position (`pathological_error`, Gurnee 2024); the covariance-aware baseline needs
 the activation's covariance, one float64 pre-pass over the tokens shared with the mean
 activations of mean ablation. Draws come from one generator per sequence, seeded from
-(`pathological_seed`, the sequence's index in `tokens`): the same tokens and seed give the
+(`noise_seed`, the sequence's index in `tokens`): the same tokens and seed give the
 same draws whatever the batch size (on one device type: CPU and CUDA streams differ).
 
 The output is, per request, a dict of per-sequence sums (the term contract of
@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from saebench.metrics import tokens as tok_metrics
-from saebench.metrics.pathological import BASELINE_TERMS
-from saebench.metrics.registry import HEALTH_TERMS
+from saebench.metrics.registry import HEALTH_TERMS, NOISE_TERMS, BatchView, Probe
 from saebench.splice import (
     Dictionary,
     FeatureEdit,
@@ -55,10 +54,12 @@ class Request:
 
     `downstream` asks for the clean/spliced/ablated CE and KL terms; `reconstruction` for
     the activation-level terms (L0, errors, norms, feature counts) of a single dictionary.
-    `pathological_draws` > 0 (single dictionary, downstream) adds, per baseline in
-    `pathological_baselines`, the term `kl_eps_iso` / `kl_eps_cov`: KL(clean ‖ clean + ε)
+    `noise_draws` > 0 (single dictionary, downstream) adds, per baseline in
+    `noise_baselines`, the term `kl_eps_iso` / `kl_eps_cov`: KL(clean ‖ clean + ε)
     summed over the KL positions and averaged over that many random draws of ε seeded by
-    `pathological_seed` (see `saebench.metrics.pathological`).
+    `noise_seed` (see `saebench.metrics.pathological`). `probes` are metrics' own
+    computations (`saebench.metrics.registry.Probe`), told every batch; those reading the
+    spliced pass's activations need `downstream=True`.
     """
 
     key: str
@@ -69,10 +70,11 @@ class Request:
     error_term: bool = False
     positions: int | Sequence[int] | None = None
     edits: tuple[FeatureEdit, ...] = ()
-    pathological_draws: int = 0
-    pathological_seed: int = 0
-    pathological_baselines: tuple[str, ...] = tuple(BASELINE_TERMS)
+    noise_draws: int = 0
+    noise_seed: int = 0
+    noise_baselines: tuple[str, ...] = tuple(NOISE_TERMS)
     layers: bool = False
+    probes: tuple[Probe, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.ablations) - set(ABLATIONS)
@@ -84,19 +86,22 @@ class Request:
                              "reading and writing one hook")
         if self.layers and not self.downstream:
             raise ValueError(f"{self.key}: per-layer errors need downstream=True")
+        if any(p.spliced_hooks for p in self.probes) and not self.downstream:
+            raise ValueError(f"{self.key}: a probe reading the spliced pass needs "
+                             "downstream=True")
         self._check_pathological()
 
     def _check_pathological(self) -> None:
-        draws = self.pathological_draws
+        draws = self.noise_draws
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
-            raise ValueError(f"{self.key}: pathological_draws must be an integer >= 0 "
+            raise ValueError(f"{self.key}: noise_draws must be an integer >= 0 "
                              f"(0 = off), got {draws!r}")
-        unknown = set(self.pathological_baselines) - set(BASELINE_TERMS)
+        unknown = set(self.noise_baselines) - set(NOISE_TERMS)
         if unknown:
-            raise ValueError(f"{self.key}: unknown pathological baseline(s) {sorted(unknown)}; "
-                             f"choose from {', '.join(BASELINE_TERMS)}")
+            raise ValueError(f"{self.key}: unknown noise baseline(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(NOISE_TERMS)}")
         if draws and (not self.single or not self.downstream):
-            raise ValueError(f"{self.key}: pathological_error needs exactly one dictionary "
+            raise ValueError(f"{self.key}: random-noise passes need exactly one dictionary "
                              "writing one hook, and downstream=True")
 
     @property
@@ -351,8 +356,8 @@ def run(
     ablation_sets = sorted({(r.write_hooks, kind) for r in requests if r.downstream
                             for kind in r.ablations})
     mean_hooks = sorted({h for hooks, kind in ablation_sets if kind == "mean" for h in hooks})
-    cov_hooks = sorted({r.write_hooks[0] for r in requests if r.pathological_draws
-                        and "covariance" in r.pathological_baselines})
+    cov_hooks = sorted({r.write_hooks[0] for r in requests if r.noise_draws
+                        and "covariance" in r.noise_baselines})
     memo = memo if memo is not None else RunMemo()
     means, covs = _kept_moments(model, tokens, mean_hooks, cov_hooks, options, memo.moments)
     factors = {hook: covariance_factor(cov).float() for hook, cov in covs.items()}
@@ -361,20 +366,18 @@ def run(
     ablation_logs = {a: _TermLog() for a in ablation_sets}
     token_independent: dict[tuple, torch.Tensor] = {}
     needs_logits = any(r.downstream for r in requests)
-    start_layers = ({r.start_layer for r in requests if r.downstream}
+    start_layers = ({r.start_layer for r in requests if r.downstream or r.probes}
                     | {_start_layer(hooks) for hooks, _ in ablation_sets}) - {None}
     cache_hooks = sorted({f"blocks.{layer}.hook_resid_pre" for layer in start_layers}
-                         | {h for r in requests for d in r.dictionaries for h in d.hooks})
+                         | {h for r in requests for d in r.dictionaries for h in d.hooks}
+                         | {h for r in requests for p in r.probes for h in p.clean_hooks})
     keep = isinstance(tokens, Tensor) and bool(memo.hooks) and set(cache_hooks) <= memo.hooks
     if keep:
         cache_hooks, needs_logits = sorted(memo.hooks), True
     stop = None if needs_logits else min(
         model.cfg.n_layers, max(hook_layer(h) for h in cache_hooks) + 1)
 
-    total = len(tokens) if isinstance(tokens, torch.Tensor) else None
-    bar = tqdm(total=total, desc="saebench", unit="seq", disable=not options.progress)
-    first_row = 0
-    for batch in _batches(tokens, options.batch_size):
+    def clean_pass(batch: Tensor, first_row: int) -> tuple[dict, _Clean | None, Tensor]:
         batch = batch.to(device)
         act_mask = ~torch.isin(batch, special)
         kept = (options.batch_size, first_row, tuple(options.special_token_ids))
@@ -387,6 +390,14 @@ def run(
             del logits  # the clean log-probs are all the variants need
             if keep:
                 memo.passes[kept] = (cache, clean)
+        return cache, clean, act_mask
+
+    total = len(tokens) if isinstance(tokens, torch.Tensor) else None
+    bar = tqdm(total=total, desc="saebench", unit="seq", disable=not options.progress)
+    first_row = 0
+    for batch in _batches(tokens, options.batch_size):
+        batch = batch.to(device)
+        cache, clean, act_mask = clean_pass(batch, first_row)
         if needs_logits:
             for hooks, kind in ablation_sets:
                 abl_logits = _ablated_logits(model, cache, batch, hooks, kind, means,
@@ -401,12 +412,14 @@ def run(
             for request in stack:
                 record, mask = records[request.key], masks[request.key]
                 evaluated = act_mask
+                captured: dict[str, Tensor] = {}
                 if request.downstream:
                     spliced = stacked.pop(request.key, None)
                     written: dict[str, Tensor] = {}
                     if spliced is None:
                         spliced = _spliced_logits(model, cache, batch, request, mask, record,
-                                                  written if request.layers else None)
+                                                  written if request.layers else None,
+                                                  captured)
                     logs[request.key].add(**clean.terms_against(spliced, "spliced"),
                                           **clean.spliced_counts(mask))
                     if request.layers:
@@ -414,7 +427,11 @@ def run(
                     del spliced
                     if not request.reconstruction:
                         evaluated = mask
-                if request.pathological_draws:
+                for probe in request.probes:
+                    view = _view(model, cache, batch, request, first_row, act_mask, mask,
+                                 captured)
+                    logs[request.key].add(**probe.batch(view, 0))
+                if request.noise_draws:
                     logs[request.key].add(**_pathological_terms(
                         model, cache, batch, request, mask, record, clean, factors, first_row))
                 if request.reconstruction:
@@ -428,6 +445,7 @@ def run(
         if options.on_batch is not None:
             options.on_batch(first_row, total)
     bar.close()
+    _later_sweeps(model, tokens, requests, options, clean_pass, logs)
 
     results = {}
     for request in requests:
@@ -501,17 +519,73 @@ def _ablated_logits(model, cache, batch, hooks, kind, means, token_independent) 
 
 
 def _spliced_logits(model, cache, batch, request: Request, mask, record,
-                    written: dict | None = None) -> torch.Tensor:
+                    written: dict | None = None, captured: dict | None = None) -> torch.Tensor:
     hooks = splice_hooks(request.dictionaries, error_term=request.error_term, mask=mask,
                          edits=request.edits, record=record, written=written)
+    wanted = sorted({h for p in request.probes for h in p.spliced_hooks})
+    if captured is not None:
+        hooks += [(h, _capture(captured, h)) for h in wanted]
     return _suffix_pass(model, cache, batch, request.start_layer, hooks)
+
+
+def _capture(store: dict, name: str):
+    def hook_fn(act: Tensor, hook) -> None:
+        store[name] = act
+
+    return hook_fn
+
+
+def _view(model, cache, batch, request: Request, first_row: int, act_mask, mask,
+          captured: dict[str, Tensor]) -> BatchView:
+    """What the request's probes see of this batch: clean and spliced activations, and a
+    way to run one more spliced pass with feature edits."""
+    def rerun(edits: tuple[FeatureEdit, ...], hooks: tuple[str, ...]) -> dict[str, Tensor]:
+        store: dict[str, Tensor] = {}
+        fwd = splice_hooks(request.dictionaries, error_term=request.error_term, mask=mask,
+                           edits=(*request.edits, *edits))
+        fwd += [(h, _capture(store, h)) for h in hooks]
+        layer = request.start_layer
+        inputs = batch if layer is None else cache[f"blocks.{layer}.hook_resid_pre"]
+        stop = min(model.cfg.n_layers, max(hook_layer(h) for h in hooks) + 1)
+        model.run_with_hooks(inputs, start_at_layer=layer, stop_at_layer=stop, fwd_hooks=fwd)
+        return store
+
+    return BatchView(tokens=batch, first_row=first_row, act_mask=act_mask, splice_mask=mask,
+                     clean=cache, spliced=captured, rerun=rerun)
+
+
+def _later_sweeps(model, tokens, requests: Sequence[Request], options: EngineOptions,
+                  clean_pass: Callable, logs: dict[str, _TermLog]) -> None:
+    """The passes over the data after the first, for probes that ask for more (`sweeps`):
+    each sees the clean activations and may rerun the spliced pass; `end_sweep` follows
+    every pass."""
+    sweeps = max((p.sweeps for r in requests for p in r.probes), default=1)
+    for sweep in range(sweeps):
+        if sweep:
+            first_row = 0
+            for batch in _batches(tokens, options.batch_size):
+                cache, _, act_mask = clean_pass(batch, first_row)
+                batch = batch.to(act_mask.device)
+                for request in requests:
+                    mask = act_mask & position_mask(request.positions, *batch.shape,
+                                                    device=batch.device)
+                    for probe in request.probes:
+                        if probe.sweeps > sweep:
+                            view = _view(model, cache, batch, request, first_row, act_mask,
+                                         mask, {})
+                            logs[request.key].add(**probe.batch(view, sweep))
+                first_row += len(batch)
+        for request in requests:
+            for probe in request.probes:
+                if probe.sweeps > sweep:
+                    probe.end_sweep(sweep)
 
 
 def _stackable(request: Request) -> tuple | None:
     """What requests must share to be spliced in one stacked pass (one dictionary, not a
     transcoder, without edits or error term, from a cached layer), or None."""
     if not request.downstream or len(request.dictionaries) != 1 or request.edits \
-            or request.error_term or request.start_layer is None:
+            or request.error_term or request.start_layer is None or request.probes:
         return None
     d = request.dictionaries[0]
     if d.is_transcoder:
@@ -608,18 +682,18 @@ def _pathological_terms(model, cache, batch, request: Request, mask, record, cle
     err_norm = (rec["out"].flatten(2).float() - target.float()).norm(dim=-1)
     err_norm = torch.where(mask, err_norm, 0)
     dtype = torch.promote_types(torch.float32, target.dtype)
-    gens = sequence_generators(request.pathological_seed, first_row, len(batch), batch.device)
-    kls: dict[str, list[Tensor]] = {kind: [] for kind in request.pathological_baselines}
-    for _ in range(request.pathological_draws):
+    gens = sequence_generators(request.noise_seed, first_row, len(batch), batch.device)
+    kls: dict[str, list[Tensor]] = {kind: [] for kind in request.noise_baselines}
+    for _ in range(request.noise_draws):
         z = torch.stack([torch.randn(target.shape[1:], generator=g, device=batch.device,
                                      dtype=dtype) for g in gens])
-        for kind in request.pathological_baselines:
+        for kind in request.noise_baselines:
             factor = factors.get(d.write_hook) if kind == "covariance" else None
             eps = rescaled(random_directions(z, factor), err_norm.to(dtype))
             logits = _suffix_pass(model, cache, batch, request.start_layer,
                                   [(d.write_hook, _perturb_hook(eps, mask))])
             kls[kind].append(clean.kl_sums(logits))
-    return {BASELINE_TERMS[kind]: torch.stack(draws).mean(0) for kind, draws in kls.items()}
+    return {NOISE_TERMS[kind]: torch.stack(draws).mean(0) for kind, draws in kls.items()}
 
 
 def health_terms(record: dict, evaluated: Tensor) -> dict[str, Tensor]:

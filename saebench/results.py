@@ -93,9 +93,14 @@ PER_PROMPT_BASE_COLUMNS: list[str] = [
 ]
 PER_PROMPT_COLUMNS: list[str] = [*PER_PROMPT_BASE_COLUMNS, "quantity", "value"]
 FEATURE_COLUMNS: list[str] = [
-    "run_id", "suite", "check_id", "dictionary", "task", "feature", "mean_activation",
-    "active_share", "effect", "ci_low", "ci_high", "loss_effect",
+    "run_id", "suite", "check_id", "dictionary", "task", "table", "feature", "mean_activation",
+    "active_share", "effect", "ci_low", "ci_high", "loss_effect", "read_dictionary",
+    "read_feature", "correlation", "clamp_value", "max_activation", "contexts", "logit_top",
+    "logit_bottom",
 ]
+"""features.csv: one row per feature of a table (`table`: ablation, fidelity, clamp,
+card). A card row holds a feature's density (`active_share`), mean and max activation, its
+top contexts and logit-lens tokens (JSON lists)."""
 
 LAYER_COLUMNS: list[str] = [
     "run_id", "suite", "check_id", "dictionary", "task", "layer", "hook", "value", "ci_low",
@@ -111,9 +116,11 @@ _COLUMNS_BY_FILE = {
 }
 _FLOAT_COLUMNS = frozenset(
     {"value", "ci_low", "ci_high", "duration_s", "mean_activation", "active_share", "effect",
-     "loss_effect", "baseline_value", "delta", "delta_ci_low", "delta_ci_high", "tolerance",
+     "loss_effect", "correlation", "clamp_value", "max_activation", "baseline_value", "delta",
+     "delta_ci_low", "delta_ci_high", "tolerance",
      *RANDOM_COLUMNS})
-_INT_COLUMNS = frozenset({"n", "seed", "prompt_index", "feature", "d_in", "d_sae", "layer"})
+_INT_COLUMNS = frozenset({"n", "seed", "prompt_index", "feature", "read_feature", "d_in", "d_sae",
+                          "layer"})
 _BOOL_COLUMNS = frozenset({"higher_is_better"})
 _TRUE, _FALSE = frozenset({"true", "1"}), frozenset({"false", "0"})
 

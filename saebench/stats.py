@@ -92,6 +92,20 @@ def bootstrap_weights(n: int, n_boot: int, seed: int) -> Tensor:
     return next(_weight_blocks(n, n_boot, seed, rows))
 
 
+def bootstrap_interval(values: Tensor, n_boot: int, seed: int,
+                       counts: Tensor | None = None) -> tuple[float, float]:
+    """The 95% percentile interval of the mean of per-sequence `values` [n] over `n_boot`
+    resamples of the sequences, or of the pooled ratio Σ values / Σ `counts` when given
+    (NaN for fewer than two sequences)."""
+    n = len(values)
+    if n < 2:
+        return (math.nan, math.nan)
+    weights = bootstrap_weights(n, n_boot, seed)
+    means = weights @ values.double() / (n if counts is None else weights @ counts.double())
+    low, high = torch.quantile(means, means.new_tensor([0.025, 0.975])).tolist()
+    return (low, high)
+
+
 def _result(value: float, verdict: str, reason: str, n: int,
             ci: tuple[float, float] = (math.nan, math.nan),
             parts_: dict[str, float] | None = None) -> Summary:

@@ -74,7 +74,11 @@ Details of the contract:
   and are left out when empty. Ids must be unique; `id:` overrides one (`name` or
   `set::name`; pytest shows `file::set::name`, and `file::set` selects a whole set).
 - `threshold: ">= 0.85"` must be quoted in YAML (a bare `>` starts a block scalar).
-- `expect: fail` needs a threshold; `options` are checked against `OPTIONS`.
+- `expect: fail` needs a threshold; `options` are checked against the metric's own
+  (`Metric.options`) and those every check takes (`OPTIONS`); `defaults.options` apply to
+  the checks whose metric takes them.
+- `read:` (metrics that read a dictionary without splicing it, such as feature_fidelity)
+  names one or more dictionaries, like `dictionaries:`; one check per dictionary read.
 """
 
 from __future__ import annotations
@@ -85,7 +89,6 @@ import itertools
 import math
 import operator
 import re
-import reprlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,23 +98,18 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-QUOTE_LIMIT = 200
+from saebench.options import (
+    Option,
+    boolean,
+    integer,
+    non_negative,
+    number,
+    positive_int,
+    quote,
+)
+
 MESSAGE_LIMIT = 1000
 """At most this many characters of a user's value are quoted in a message."""
-_QUOTE = reprlib.Repr()
-_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 3, QUOTE_LIMIT, 60, 40
-_QUOTE.maxdict = _QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxset = 6
-
-
-def _quote(value: Any) -> str:
-    """`repr(value)`, bounded: nested containers and long strings are cut (a YAML alias bomb
-    expands to millions of items; its message stays one line).
-
-        >>> _quote(list(range(100)))
-        '[0, 1, 2, 3, 4, 5, ...]'
-    """
-    text = _QUOTE.repr(value)
-    return text if len(text) <= QUOTE_LIMIT else text[:QUOTE_LIMIT - 1] + "…"
 
 
 class SuiteError(ValueError):
@@ -217,21 +215,21 @@ def parse_threshold(text: str) -> Threshold:
     Raises ValueError saying which forms are accepted.
     """
     if not isinstance(text, str):
-        raise ValueError(f"a threshold is a quoted string such as '>= 0.85', got {_quote(text)}")
+        raise ValueError(f"a threshold is a quoted string such as '>= 0.85', got {quote(text)}")
     match = _THRESHOLD_RE.match(text)
     if match is None:
-        raise ValueError(f"bad threshold {_quote(text)}: {_THRESHOLD_FORMS}")
+        raise ValueError(f"bad threshold {quote(text)}: {_THRESHOLD_FORMS}")
     target = match["target"] or "value"
     if target not in TARGETS:
-        raise ValueError(f"bad threshold {_quote(text)}: unknown target {target!r}; "
+        raise ValueError(f"bad threshold {quote(text)}: unknown target {target!r}; "
                          f"use one of {', '.join(TARGETS)}")
     try:
         bound = float(match["bound"])
     except ValueError:
-        raise ValueError(f"bad threshold {_quote(text)}: {_quote(match['bound'])} is not a "
+        raise ValueError(f"bad threshold {quote(text)}: {quote(match['bound'])} is not a "
                          "number") from None
     if not math.isfinite(bound):
-        raise ValueError(f"bad threshold {_quote(text)}: the bound must be a finite number")
+        raise ValueError(f"bad threshold {quote(text)}: the bound must be a finite number")
     return Threshold(target, match["op"], bound)
 
 
@@ -249,67 +247,15 @@ class Edit:
     value: float = 0.0
 
 
-def _int(value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be an integer, got {_quote(value)}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"must be an integer >= {minimum}, got {_quote(value)}")
-    return value
-
-
-def _positive_int(value: Any) -> int:
-    return _int(value, 1)
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {_quote(value)}")
-    return value
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ValueError(f"must be a number, got {_quote(value)}")
-    return float(value)
-
-
-def _non_negative(value: Any) -> float:
-    number = _number(value)
-    if not 0 <= number < math.inf:
-        raise ValueError(f"must be a finite number >= 0, got {_quote(value)}")
-    return number
-
-
-def _fraction(value: Any) -> float:
-    number = _number(value)
-    if not 0 <= number <= 1:
-        raise ValueError(f"must be a number in [0, 1], got {_quote(value)}")
-    return number
-
-
-def _ablation(value: Any) -> str:
-    if value not in ("zero", "mean"):
-        raise ValueError(f"must be zero or mean, got {_quote(value)}")
-    return value
-
-
-def _choice(*allowed: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {_quote(value)}")
-        return value
-    return parse
-
-
 SEED_RANGE = (0, 2**63 - 1)
 """Seeds are what a torch generator takes: non-negative and below 2**63."""
 MAX_POSITION = 2**31 - 1
 
 
 def _seed(value: Any) -> int:
-    seed = _int(value, SEED_RANGE[0])
+    seed = integer(value, SEED_RANGE[0])
     if seed > SEED_RANGE[1]:
-        raise ValueError(f"must be an integer in [0, 2**63 - 1], got {_quote(value)}")
+        raise ValueError(f"must be an integer in [0, 2**63 - 1], got {quote(value)}")
     return seed
 
 
@@ -318,9 +264,9 @@ class _OutOfRange(ValueError):
 
 
 def _position(value: Any) -> int:
-    position = _int(value)
+    position = integer(value)
     if abs(position) > MAX_POSITION:
-        raise _OutOfRange(f"position {_quote(value)} is out of range (|position| <= 2**31 - 1)")
+        raise _OutOfRange(f"position {quote(value)} is out of range (|position| <= 2**31 - 1)")
     return position
 
 
@@ -338,82 +284,79 @@ def _positions(value: Any) -> str | int | tuple[int, ...]:
         pass
     raise ValueError(f'must be "all", "answer" (task checks: each prompt\'s answer position), '
                      f"an integer or a non-empty list of integers (negative counts from the "
-                     f"end), got {_quote(value)}")
+                     f"end), got {quote(value)}")
+
+
+def _feature_ids(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of feature ids, got {quote(value)}")
+    return tuple(integer(v, 0) for v in value)
 
 
 def _edits(value: Any) -> tuple[Edit, ...]:
     form = "a list of {dictionary: name, features: [ints], value: number}"
     if not isinstance(value, list):
-        raise ValueError(f"must be {form}, got {_quote(value)}")
+        raise ValueError(f"must be {form}, got {quote(value)}")
     edits = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or set(item) - {"dictionary", "features", "value"} \
                 or "features" not in item:
             raise ValueError(f"item {i} must be a mapping with features (and optionally "
-                             f"dictionary and value): {form}, got {_quote(item)}")
+                             f"dictionary and value): {form}, got {quote(item)}")
         dictionary = item.get("dictionary")
         if dictionary is not None and not isinstance(dictionary, str):
-            raise ValueError(f"item {i}: dictionary must be a name, got {_quote(dictionary)}")
+            raise ValueError(f"item {i}: dictionary must be a name, got {quote(dictionary)}")
         features = item["features"]
         features = [features] if not isinstance(features, list) else features
         try:
-            feats = tuple(_int(f, 0) for f in features)
-            number = _number(item.get("value", 0.0))
+            feats = tuple(integer(f, 0) for f in features)
+            value_ = number(item.get("value", 0.0))
         except ValueError as err:
             raise ValueError(f"item {i}: features are non-negative integers and value a "
                              f"number ({err})") from None
         if not feats:
             raise ValueError(f"item {i}: features must not be empty")
-        edits.append(Edit(dictionary, feats, number))
+        edits.append(Edit(dictionary, feats, value_))
     return tuple(edits)
 
 
-@dataclass(frozen=True)
-class Option:
-    """One check option: its validator, its default, how it shows in check ids (`"value"`,
-    `"key"` as key=value, or None) and whether it changes the forward passes."""
-
-    help: str
-    parse: Callable[[Any], Any]
-    default: Any = None
-    in_id: str | None = "key"
-    changes_passes: bool = False
-
-
 OPTIONS: dict[str, Option] = {
-    "ablation": Option("the baseline the site is ablated to: zero or mean", _ablation,
-                       "zero", in_id="value"),
-    "batch_size": Option("sequences per engine batch", _positive_int, 16, in_id=None),
+    "batch_size": Option("sequences per engine batch", positive_int, 16, in_id=None),
     "positions": Option('where to splice: "all", "answer", an integer or a list of integers',
                         _positions, "all", changes_passes=True),
-    "error_term": Option("add the reconstruction error back (true) or not (false)", _bool,
+    "error_term": Option("add the reconstruction error back (true) or not (false)", boolean,
                          False, changes_passes=True),
-    "dense_threshold": Option("activation rate above which a feature counts as dense",
-                              _fraction, 0.01),
-    "n_boot": Option("bootstrap resamples for the confidence interval", _positive_int, 1000,
+    "n_boot": Option("bootstrap resamples for the confidence interval", positive_int, 1000,
                      in_id=None),
     "seed": Option("seed for the bootstrap and random baselines", _seed, 0, in_id=None),
     "edits": Option("feature edits: [{dictionary, features: [ints], value}]", _edits, (),
                     changes_passes=True),
-    "k": Option("how many top features a feature-level metric looks at", _positive_int),
-    "n_draws": Option("random draws for a random baseline", _positive_int),
-    "normalize": Option("logit_diff_recovered against an ablation baseline: none, zero, mean",
-                        _choice("none", "zero", "mean"), "none", in_id="value"),
-    "share": Option("remainder_dla share: signed or abs", _choice("signed", "abs"), "signed",
-                    in_id="value"),
-    "baseline": Option("pathological_error's random baseline: isotropic or covariance",
-                       _choice("isotropic", "covariance"), "isotropic", in_id="value"),
     "random_baseline": Option("also measure a random-weight dictionary of the same shape "
                               "(ratio metrics): random_value and the margin over it",
-                              _bool, False),
+                              boolean, False),
+    "features": Option("feature ids whose cards (contexts, logit lens) the report shows",
+                       _feature_ids, (), in_id=None),
 }
-
-
-RANDOM_BASELINE = ("ce_loss_recovered", "kl_div_score")
-"""The metrics that take `random_baseline`: ratios whose terms come from the engine's
-spliced pass, so a random dictionary is one more spliced pass."""
+"""The options every check takes; a metric's own options are in its `Metric.options`."""
 SPLICE_ONLY = ("positions", "error_term")
 """Options that only a metric measured on a spliced run can take."""
+
+
+def option_table(metric: str) -> dict[str, Option]:
+    """The options a check on `metric` takes: the metric's own, then the common ones."""
+    from saebench.metrics.registry import get_metric
+
+    return {**get_metric(metric).options, **OPTIONS}
+
+
+def every_option() -> dict[str, Option]:
+    """Every option some check can take (what `defaults.options` may set)."""
+    from saebench.metrics.registry import METRICS
+
+    table: dict[str, Option] = {}
+    for metric in METRICS.values():
+        table |= metric.options
+    return {**table, **OPTIONS}
 
 
 def _render(value: Any) -> str:
@@ -511,6 +454,8 @@ class Check:
     tolerance: tuple[float | None, float | None] = (None, None)
     """How much worse than its baseline the value may be: (absolute, relative to the
     baseline's value); (None, None) takes the metric's default."""
+    read: str | None = None
+    """The dictionary the check reads without splicing (`read:`), for metrics that read one."""
 
     @property
     def group_key(self) -> tuple:
@@ -518,8 +463,9 @@ class Check:
         data), the dictionary set, the task and the options that change the passes (left out
         when equal to their default)."""
         passes = frozenset((k, v) for k, v in self.options
-                           if OPTIONS[k].changes_passes and v != OPTIONS[k].default)
-        return (self.suite, self.dictionaries, self.task, passes)
+                           if k in OPTIONS and OPTIONS[k].changes_passes
+                           and v != OPTIONS[k].default)
+        return (self.suite, self.dictionaries, self.task, self.read, passes)
 
 
 @dataclass(frozen=True)
@@ -553,8 +499,8 @@ def _one_of(formats: Mapping) -> str:
                            if fmt.required else "") for name, fmt in formats.items()]
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 DEFAULTS_KEYS = ("options", "threshold")
-CHECK_KEYS = ("metric", "dictionaries", "splice", "task", "options", "threshold", "expect",
-              "id", "baseline")
+CHECK_KEYS = ("metric", "dictionaries", "splice", "read", "task", "options", "threshold",
+              "expect", "id", "baseline")
 BASELINE_KEYS = ("tolerance", "rel_tolerance")
 EXPECT = ("pass", "fail")
 MAX_EXPANSION = 10_000
@@ -626,14 +572,14 @@ class _Parser:
         try:
             value = self.constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, TypeError, ValueError):
-            return _quote(node.value)
+            return quote(node.value)
         if value is None:
             return "nothing (null)"
         if isinstance(value, bool):
             return f"the boolean {str(value).lower()}"
         if isinstance(value, int | float):
-            return f"the number {_quote(value)}"
-        return _quote(value)
+            return f"the number {quote(value)}"
+        return quote(value)
 
     def mapping(self, node: Node, path: str, allowed: Iterable[str] | None = None,
                 required: Iterable[str] = ()) -> _Map:
@@ -715,7 +661,7 @@ class _Parser:
         if (node := top.get("suite")) is not None:
             name = self.string(node, "suite")
         if (node := top.get("allow_factory")) is not None:
-            self.allow_factory = bool(self.optional(node, "allow_factory", _bool))
+            self.allow_factory = bool(self.optional(node, "allow_factory", boolean))
         model = replace(self.model(top.items["model"][1]), line=_line(top.items["model"][0]))
         data = self.data(*top.items["data"]) if "data" in top.items else DataSpec()
         tasks = self.tasks(top.get("tasks"))
@@ -752,8 +698,8 @@ class _Parser:
 
     def data(self, key_node: Node, node: Node) -> DataSpec:
         spec = self.mapping(node, "data", DATA_KEYS)
-        n_tokens = self.optional(spec.get("n_tokens"), "data.n_tokens", _positive_int)
-        context = self.optional(spec.get("context"), "data.context", lambda v: _int(v, 2))
+        n_tokens = self.optional(spec.get("n_tokens"), "data.n_tokens", positive_int)
+        context = self.optional(spec.get("context"), "data.context", lambda v: integer(v, 2))
         seed = self.optional(spec.get("seed"), "data.seed", _seed) or 0
         common = dict(n_tokens=n_tokens, context=context, seed=seed, line=_line(key_node))
         source = spec.get("source")
@@ -974,20 +920,28 @@ class _Parser:
                                   f"known metrics: {', '.join(self._metrics)}")
         return name
 
-    def options(self, node: Node | None, path: str) -> dict[str, tuple[Any, Node, str]]:
-        """Validated options: key -> (value, value node, field)."""
+    def options(self, node: Node | None, path: str, table: Mapping[str, Option],
+                metric: str | None = None) -> dict[str, tuple[Any, Node, str]]:
+        """Validated options (`table`: those allowed): key -> (value, value node, field)."""
         if node is None:
             return {}
-        spec = self.mapping(node, path, OPTIONS)
+        spec = self.mapping(node, path)
+        for key, (key_node, _) in spec.items.items():
+            if key not in table:
+                known = every_option()
+                what = (f"{metric} takes no option {key!r}" if metric and key in known
+                        else f"unknown option {key!r}{_suggest(key, known)}")
+                self.fail(key_node, spec.sub(key), f"{what}; "
+                          f"{'its' if metric else 'known'} options: {', '.join(table)}")
         out = {}
         for key, (key_node, value_node) in spec.items.items():
             # an alias (`*name`) is the anchor's node, which starts where the anchor does
             blame = value_node if _line(value_node) >= _line(key_node) else key_node
             value = self.value(value_node, spec.sub(key))
             try:
-                out[key] = (OPTIONS[key].parse(value), blame, spec.sub(key))
+                out[key] = (table[key].parse(value), blame, spec.sub(key))
             except ValueError as err:
-                self.fail(blame, spec.sub(key), f"{err} ({OPTIONS[key].help})")
+                self.fail(blame, spec.sub(key), f"{err} ({table[key].help})")
         return out
 
     def threshold(self, node: Node, path: str) -> Threshold | None:
@@ -1004,7 +958,7 @@ class _Parser:
             return {}, None
         spec = self.mapping(node, "defaults", DEFAULTS_KEYS)
         threshold = spec.get("threshold")
-        return (self.options(spec.get("options"), "defaults.options"),
+        return (self.options(spec.get("options"), "defaults.options", every_option()),
                 None if threshold is None else self.threshold(threshold, "defaults.threshold"))
 
     def patterns(self, node: Node, path: str, defined: Mapping[str, DictionarySpec]
@@ -1032,7 +986,7 @@ class _Parser:
     def checks(self, node: Node, suite: str, dictionaries: Mapping[str, DictionarySpec],
                tasks: Mapping[str, TaskSpec], defaults: dict, default_threshold: Threshold | None,
                ) -> tuple[Check, ...]:
-        from saebench.metrics.registry import get_metric
+        from saebench.metrics.registry import METRICS, get_metric
 
         items = self.sequence(node, "checks")
         if not items:
@@ -1066,17 +1020,21 @@ class _Parser:
                               "suite's token data, not on a task's prompts; remove task:")
             elif is_task_metric:
                 self.fail(item, path, f"{metric} is measured on a task's prompts: give task:")
-            own = self.options(spec.get("options"), spec.sub("options"))
+            reads = self.reads(item, spec, metric, dictionaries)
+            table = option_table(metric)
+            own = self.options(spec.get("options"), spec.sub("options"), table, metric)
             if getattr(get_metric(metric), "kind", "") == "reconstruction":
                 for key in set(own) & set(SPLICE_ONLY):
                     self.fail(own[key][1], own[key][2], f"{metric} is measured on the "
                               "dictionary's reconstruction of every position, without "
                               f"splicing, so {key} does not apply")
-            options = {**defaults, **own}
-            if options.get("random_baseline", (False,))[0] and metric not in RANDOM_BASELINE:
+            options = {**{k: v for k, v in defaults.items() if k in table}, **own}
+            if options.get("random_baseline", (False,))[0] \
+                    and not get_metric(metric).random_baseline:
                 _, node, where = options["random_baseline"]
+                takers = [m.name for m in METRICS.values() if m.random_baseline]
                 self.fail(node, where, f"random_baseline applies to the ratio metrics measured "
-                          f"on token data ({', '.join(RANDOM_BASELINE)}), not to {metric}")
+                          f"on token data ({', '.join(takers)}), not to {metric}")
             threshold = default_threshold
             if (threshold_node := spec.get("threshold")) is not None:
                 threshold = self.threshold(threshold_node, spec.sub("threshold"))
@@ -1102,13 +1060,13 @@ class _Parser:
                 if len(parts) > 2 or not all(part.strip() for part in parts):
                     self.fail(id_node, spec.sub("id"), f"{custom_id!r}: an id is `name` or "
                               "`set::name`, with non-empty parts")
-                if len(sets) > 1:
-                    self.fail(id_node, spec.sub("id"), f"this check expands to {len(sets)} "
-                              "checks, which cannot share one id")
-            for members in sets:
+                if len(sets) * len(reads) > 1:
+                    self.fail(id_node, spec.sub("id"), f"this check expands to "
+                              f"{len(sets) * len(reads)} checks, which cannot share one id")
+            for members, read in itertools.product(sets, reads):
                 resolved = self.resolve_edits(options, members)
                 ident = custom_id or check_id(members, metric, task, {
-                    k: resolved[k] for k in own})
+                    k: resolved[k] for k in own}, read)
                 where, where_path = (id_node, spec.sub("id")) if custom_id else (item, path)
                 if ident in seen:
                     self.fail(where, where_path, f"duplicate check id {ident!r} (first from "
@@ -1116,8 +1074,26 @@ class _Parser:
                 seen[ident] = _line(item)
                 out.append(Check(ident, suite, metric, members, task,
                                  tuple(sorted(resolved.items())), threshold, expect,
-                                 _line(item), path, tolerance))
+                                 _line(item), path, tolerance, read))
         return tuple(out)
+
+    def reads(self, item: Node, spec: _Map, metric: str, dictionaries: Mapping[str, DictionarySpec]
+              ) -> list[str | None]:
+        """The dictionaries a check reads without splicing (`read:`, one check each), or
+        [None] for a metric that reads none."""
+        from saebench.metrics.registry import get_metric
+
+        takes = getattr(get_metric(metric), "reads", False)
+        node = spec.get("read")
+        if node is None:
+            if takes:
+                self.fail(item, spec.path, f"{metric} reads a dictionary it does not "
+                          "splice: give read: (a name, a glob or a list of them)")
+            return [None]
+        if not takes:
+            self.fail(node, spec.sub("read"), f"{metric} reads no other dictionary; remove "
+                                              "read:")
+        return self.patterns(node, spec.sub("read"), dictionaries)
 
     def tolerance(self, node: Node | None, path: str) -> tuple[float | None, float | None]:
         """A check's `baseline: {tolerance: 0.01}` or `{rel_tolerance: 0.02}`."""
@@ -1127,7 +1103,7 @@ class _Parser:
         if len(spec.items) != 1:
             self.fail(node, path, "give one of tolerance: (absolute) or rel_tolerance: (a "
                                   "share of the baseline's value)")
-        values = [self.optional(spec.get(key), spec.sub(key), _non_negative)
+        values = [self.optional(spec.get(key), spec.sub(key), non_negative)
                   for key in BASELINE_KEYS]
         return (values[0], values[1])
 
@@ -1178,14 +1154,16 @@ class _Parser:
 
 
 def check_id(members: tuple[str, ...], metric: str, task: str | None,
-             own: Mapping[str, Any]) -> str:
-    """A check's id, `set::metric[task,options]` (see the module docstring).
+             own: Mapping[str, Any], read: str | None = None) -> str:
+    """A check's id, `set::metric[task,read=name,options]` (see the module docstring): the
+    metric's own options first, then the common ones, each in its table's order.
 
         >>> check_id(("a",), "ce_loss_recovered", None, {"ablation": "zero"})
         'a::ce_loss_recovered[zero]'
     """
     parts = [task] if task else []
-    for key, option in OPTIONS.items():
+    parts += [f"read={read}"] if read else []
+    for key, option in option_table(metric).items():
         if key in own and option.in_id is not None:
             value = _render(own[key])
             parts.append(value if option.in_id == "value" else f"{key}={value}")
@@ -1311,7 +1289,7 @@ def _validate_hook(file: str, spec: DictionarySpec, model: Any, where: str, role
         close = difflib.get_close_matches(hook, list(model.hook_dict), n=3)
         hint = f"; similar hooks: {', '.join(close)}" if close else ""
         raise SuiteError(file, spec.line, where,
-                         f"{role} hook {_quote(hook)}, which the model does not have{hint}")
+                         f"{role} hook {quote(hook)}, which the model does not have{hint}")
     expected = hook_width(model.cfg, hook)
     if width is not None and expected is not None and int(width) != expected[0]:
         size = "d_in" if role == "reads" else "d_out"
@@ -1335,7 +1313,7 @@ def validate_task(file: str, spec: TaskSpec, model: Any, prompts: list) -> None:
                    "token)" if unk is not None and bool((ids == unk).any()) else None)
         if problem is not None:
             raise SuiteError(file, spec.line, f"tasks.{spec.name}",
-                             f"prompt {i} ({_quote(_field(prompt, 'prompt'))}) {problem}")
+                             f"prompt {i} ({quote(_field(prompt, 'prompt'))}) {problem}")
 
 
 def _check_single_tokens(model: Any, prompts: list, file: str, spec: TaskSpec) -> None:

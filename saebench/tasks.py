@@ -22,7 +22,8 @@ Terms (float64, one row per prompt; `saebench.metrics.task` aggregates them):
 (1 where LD_spliced has the sign of LD_clean); with `dla`: `dla_original`,
 `dla_reconstruction`, `dla_remainder`, `abs_dla_reconstruction`, `abs_dla_remainder`;
 with `feature_k`: `ld_topk_zeroed` [n_prompts, K], column j the LD with the top j+1
-features (by mean activation) zeroed jointly.
+features (by mean activation) zeroed jointly, and `feature_effect` [n_prompts, K], column j
+LD_spliced − the LD with feature j alone zeroed (the feature table's effects).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ from saebench.splice import (
     hook_layer,
     splice_hooks,
 )
-from saebench.stats import bootstrap_weights
 
 HooksOf = Callable[["PromptBatch", dict], list]
 """Builds a pass's `fwd_hooks` for a batch; the dict collects what the hooks record."""
@@ -71,9 +71,7 @@ class TaskRequest:
     position only) or ints (per prompt; negative ones count from the end of the prompt's
     own tokens). `ablations` are the baselines (zero / mean) at the same write hook(s).
     `dla` asks for the remainder DLA and `feature_k` for the ablation of the top-k
-    features; both need exactly one dictionary. `seed` and `n_boot` drive the bootstrap
-    intervals of the feature table (each request its own, so a request's results never
-    depend on which others share the run).
+    features; both need exactly one dictionary.
 
         >>> TaskRequest("r2", (d,), ablations=("zero", "mean"), positions="answer", dla=True)
     """
@@ -86,8 +84,6 @@ class TaskRequest:
     edits: tuple[FeatureEdit, ...] = ()
     dla: bool = False
     feature_k: int | None = None
-    seed: int = 0
-    n_boot: int = 1000
 
     def __post_init__(self) -> None:
         dictionaries = tuple(d if isinstance(d, Dictionary) else as_dictionary(d)
@@ -334,8 +330,7 @@ def run_task(
 
     `options` gives the batch size and the special tokens (BOS/EOS/PAD of the model's
     tokenizer unless `special_token_ids` or `exclude_special_tokens=False` says otherwise);
-    the model's own device and dtype are used. Everything but the feature table's
-    intervals (each request's `seed` and `n_boot`) is deterministic.
+    the model's own device and dtype are used. Deterministic.
     """
     options = options or EngineOptions()
     check_requests(model, requests)
@@ -377,11 +372,13 @@ def run_task(
         rows = [{"prompt_index": i, "prompt": p.prompt, "answer": p.answer,
                  "distractor": p.distractor} for i, p in enumerate(prompts)]
         if request.feature_k is not None:
-            table, joint = _feature_ablation(runner, request, terms["ld_spliced"])
+            table, alone, joint = _feature_ablation(runner, request, terms["ld_spliced"])
             result.features[request.key] = table
-            terms["ld_topk_zeroed"] = joint
+            terms["feature_effect"], terms["ld_topk_zeroed"] = alone, joint
         for name, values in terms.items():
             if name.startswith(("n_", "abs_")) or ":" in name:
+                continue
+            if name == "feature_effect":
                 continue
             if name == "ld_topk_zeroed":
                 for j in range(values.shape[1]):
@@ -464,8 +461,9 @@ def _dla_terms(runner: _Runner, request: TaskRequest,
 
 
 def _feature_ablation(runner: _Runner, request: TaskRequest, ld_spliced: Tensor
-                      ) -> tuple[list[dict], Tensor]:
-    """The top-k feature table and the LDs with the top 1..k features zeroed jointly."""
+                      ) -> tuple[list[dict], Tensor, Tensor]:
+    """The top-k feature table, each top feature's per-prompt effect (LD_spliced − LD with
+    it zeroed) [n, k], and the LDs with the top 1..k features zeroed jointly [n, k]."""
     d = request.dictionaries[0]
     n = runner.n
     sums = torch.zeros(d.d_sae, dtype=torch.float64)
@@ -484,20 +482,16 @@ def _feature_ablation(runner: _Runner, request: TaskRequest, ld_spliced: Tensor
     mean_act = sums / count
     k = request.feature_k
     top = torch.sort(mean_act, descending=True, stable=True).indices[:k].tolist()
-    weights = bootstrap_weights(n, request.n_boot, request.seed) if n > 1 else None
     table = []
+    alone = torch.empty(n, k, dtype=torch.float64)
     joint = torch.empty(n, k, dtype=torch.float64)
     for j, f in enumerate(top):
         ld_f, nll_f = runner.splice(request, (*request.edits, FeatureEdit(d.name, (f,), 0.0)))
-        effect = ld_spliced - ld_f
-        if weights is not None and len(weights):
-            ci = torch.quantile(weights @ effect / n, effect.new_tensor([0.025, 0.975])).tolist()
-        else:
-            ci = [float("nan")] * 2
+        alone[:, j] = ld_spliced - ld_f
         table.append({"feature": f, "mean_activation": float(mean_act[f]),
                       "active_share": float(active[:, f].double().mean()),
-                      "effect": float(effect.mean()), "ci_low": ci[0], "ci_high": ci[1],
+                      "effect": float(alone[:, j].mean()),
                       "loss_effect": float((nll_f - nll_spliced).mean())})
         joint[:, j] = ld_f if j == 0 else runner.splice(
             request, (*request.edits, FeatureEdit(d.name, tuple(top[:j + 1]), 0.0)))[0]
-    return table, joint
+    return table, alone, joint

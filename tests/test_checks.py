@@ -15,6 +15,7 @@ from saebench.api import evaluate
 from saebench.checks import RunSettings, SuiteRun
 from saebench.results import RANDOM_COLUMNS
 from saebench.splice import random_like
+from saebench.stats import bootstrap_interval
 from saebench.suite import load_suite
 
 TOY = Path(__file__).resolve().parents[1] / "suites" / "toy.yaml"
@@ -53,7 +54,7 @@ def test_every_toy_check_gives_the_same_row_alone_and_in_the_suite(toy_run):
         differ += [f"{check.id}.{k}: {alone[k]!r} alone, {shared[k]!r} in the suite"
                    for k in SAME if not _same(alone[k], shared[k])]
     assert not differ, "\n".join(differ[:20])
-    assert len(toy_run.suite.checks) == 284
+    assert len(toy_run.suite.checks) == 300
 
 
 MIXED = """\
@@ -93,7 +94,13 @@ def test_checks_sharing_a_run_keep_their_own_draws_seeds_and_tables(tmp_path):
         assert alone.result(check)["value"] == together.result(check)["value"], check.id
         assert alone.extra_rows(check) == together.extra_rows(check), check.id
     tables = [together.extra_rows(c).get("features.csv") for c in prepared.suite.checks[2:]]
-    assert [len(t) for t in tables] == [1, 2]
+    assert [sum(r["table"] == "ablation" for r in t) for t in tables] == [1, 2]
+    assert [sum(r["table"] == "card" for r in t) for t in tables] == [1, 2]
+    last = prepared.suite.checks[3]  # its own n_boot and seed reach its table's intervals
+    effects = together._terms[together._request_key(last)]
+    for j, row in enumerate(r for r in tables[1] if r["table"] == "ablation"):
+        assert (row["ci_low"], row["ci_high"]) == bootstrap_interval(
+            effects["feature_effect"][:, j], 80, 3)
 
 
 def test_a_bad_task_row_fails_only_that_tasks_checks_naming_the_entry_and_the_row(tmp_path):

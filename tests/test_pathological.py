@@ -33,7 +33,7 @@ class IsotropicNoise:
 
 def request(d, draws: int = 4, seed: int = 0, **kwargs) -> engine.Request:
     return engine.Request("d", (d,), reconstruction=False, ablations=(),
-                          pathological_draws=draws, pathological_seed=seed, **kwargs)
+                          noise_draws=draws, noise_seed=seed, **kwargs)
 
 
 def run(model, tokens, req, **options) -> dict[str, torch.Tensor]:
@@ -160,14 +160,14 @@ def test_request_and_option_validation():
     d = as_dictionary(Scaled(), hook="blocks.1.hook_resid_pre", d_in=16, d_sae=16)
     e = as_dictionary(Scaled(), hook="blocks.0.hook_mlp_out", d_in=16, d_sae=16)
     with pytest.raises(ValueError, match="exactly one dictionary"):
-        engine.Request("x", (d, e), reconstruction=False, pathological_draws=2)
+        engine.Request("x", (d, e), reconstruction=False, noise_draws=2)
     with pytest.raises(ValueError, match="downstream"):
-        engine.Request("x", (d,), downstream=False, pathological_draws=2)
+        engine.Request("x", (d,), downstream=False, noise_draws=2)
     with pytest.raises(ValueError, match=">= 0"):
-        engine.Request("x", (d,), pathological_draws=-1)
-    with pytest.raises(ValueError, match="unknown pathological baseline"):
-        engine.Request("x", (d,), pathological_draws=1, pathological_baselines=("pca",))
-    with pytest.raises(ValueError, match="unknown pathological_error baseline"):
+        engine.Request("x", (d,), noise_draws=-1)
+    with pytest.raises(ValueError, match="unknown noise baseline"):
+        engine.Request("x", (d,), noise_draws=1, noise_baselines=("pca",))
+    with pytest.raises(ValueError, match="option baseline: must be one of isotropic, covariance"):
         METRIC.terms({"baseline": "pca"})
     with pytest.raises(ValueError, match="n_draws"):
         METRIC.terms({"n_draws": 0})
@@ -175,7 +175,7 @@ def test_request_and_option_validation():
         evaluate(model, {"d": d}, tokens_for(model, 2, 0), ["pathological_error"], n_draws=0,
                  progress=False)
     only_iso = run(model, tokens_for(model, 2, 0),
-                   request(d, draws=1, pathological_baselines=("isotropic",)))
+                   request(d, draws=1, noise_baselines=("isotropic",)))
     assert "kl_eps_iso" in only_iso and "kl_eps_cov" not in only_iso
     with pytest.warns(UserWarning, match="single dictionary"):
         df = evaluate(model, {"pair": [d, e]}, tokens_for(model, 2, 0),

@@ -23,6 +23,7 @@ from saebench.suite import (
     SuiteError,
     Threshold,
     load_suite,
+    option_table,
     parse_threshold,
     validate_resolved,
 )
@@ -238,17 +239,25 @@ BAD = {
         model: zoo
         dictionaries: {a: {zoo: resid-L0-topk16}}
         checks:
-          - metric: l0
+          - metric: ce_loss_recovered
             dictionaries: [a]
             options:
               ablation: zero
               ablate: mean
-        """, 8, "checks[0].options.ablate", "unknown key", "batch_size", "n_draws"),
-    "bad option value": ("""
+        """, 8, "checks[0].options.ablate", "unknown option 'ablate'", "ablation", "batch_size"),
+    "option of another metric": ("""
         model: zoo
         dictionaries: {a: {zoo: resid-L0-topk16}}
         checks:
           - metric: l0
+            dictionaries: [a]
+            options: {ablation: zero}
+        """, 6, "checks[0].options.ablation", "l0 takes no option 'ablation'", "batch_size"),
+    "bad option value": ("""
+        model: zoo
+        dictionaries: {a: {zoo: resid-L0-topk16}}
+        checks:
+          - metric: ce_loss_recovered
             dictionaries: [a]
             options: {ablation: resample}
         """, 6, "checks[0].options.ablation", "zero or mean"),
@@ -808,8 +817,8 @@ def test_defaults_are_overridden_per_check(full_suite):
     assert checks["mine::l0"].threshold == parse_threshold(">= 0.5")
     assert checks["resid-L3-topk16+resid-L1-topk16+resid-L2-topk16::kl_div"].threshold is None
     task_check = next(c for c in full_suite.checks if c.task == "ioi")
-    assert dict(task_check.options) == {
-        "ablation": "mean", "batch_size": 4, "positions": -1, "error_term": True,
+    assert dict(task_check.options) == {  # defaults.options apply where the metric takes them
+        "batch_size": 4, "positions": -1, "error_term": True,
         "edits": (Edit("resid-L2-topk16", (3, 17), 0.0),)}
     assert str(task_check.threshold) == "ci_low >= 0.8"
     assert [k for k, _ in task_check.options] == sorted(k for k, _ in task_check.options)
@@ -1033,8 +1042,8 @@ def valid_suites(draw) -> dict:
              if _admissible(metric, t)]))
         if draw(st.booleans()):
             check["options"] = draw(st.fixed_dictionaries({}, optional={
-                k: v for k, v in OPTION_VALUES.items()
-                if metric in DOWNSTREAM or k not in ("positions", "error_term")}))
+                k: v for k, v in OPTION_VALUES.items() if k in option_table(metric)
+                and (metric in DOWNSTREAM or k not in ("positions", "error_term"))}))
             if not splice and draw(st.booleans()):
                 check["options"]["edits"] = draw(EDITS)
         if check["threshold"] is not None and draw(st.booleans()):

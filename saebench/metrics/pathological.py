@@ -10,7 +10,7 @@ produces the denominator's terms when a request has `pathological_draws > 0`:
   hook over the evaluation data (Lee & Heimersheim 2024's distribution-aware baseline).
 
 Options: `baseline` ("isotropic", the default, or "covariance") picks the denominator;
-`n_draws` (default 4) is read by whoever builds the engine request (`saebench.evaluate`).
+`n_draws` (default 4) is how many draws the engine averages.
 """
 
 from __future__ import annotations
@@ -18,50 +18,54 @@ from __future__ import annotations
 from torch import Tensor
 
 from saebench.metrics.registry import (
+    NOISE_TERMS,
     NON_NEGATIVE,
     Metric,
+    Needs,
     Options,
+    Site,
     Terms,
-    choice,
     register_metric,
 )
+from saebench.options import Option, choice_option, positive_int
 
-BASELINE_TERMS = {"isotropic": "kl_eps_iso", "covariance": "kl_eps_cov"}
-"""Each random baseline and the engine term holding its KL sums."""
-DEFAULT_DRAWS = 4
-NAME = "pathological_error"
+BASELINE = choice_option("pathological_error's random baseline: isotropic or covariance",
+                         *NOISE_TERMS, each=True)
+N_DRAWS = Option("random draws per baseline", positive_int, 4, shapes_run=True)
 
 
 def baseline(options: Options) -> str:
     """The `baseline` option ("isotropic" by default), validated."""
-    return choice(options, "baseline", BASELINE_TERMS, "pathological_error baseline")
+    return BASELINE.value(options, "baseline")
 
 
 def n_draws(options: Options) -> int:
     """The `n_draws` option (random draws per baseline, default 4), validated to be >= 1."""
-    value = options.get("n_draws", DEFAULT_DRAWS)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"n_draws must be an integer >= 1, got {value!r}")
-    return value
+    return N_DRAWS.value(options, "n_draws")
 
 
 def _terms(options: Options) -> tuple[str, ...]:
     n_draws(options)
-    return ("n_kl", "kl_spliced", BASELINE_TERMS[baseline(options)])
+    return ("n_kl", "kl_spliced", NOISE_TERMS[baseline(options)])
+
+
+def _needs(options: Options, site: Site) -> Needs:
+    return Needs(spliced=True, noise_draws=n_draws(options),
+                 noise_baselines=frozenset({baseline(options)}))
 
 
 def _kl_eps(s: Terms, o: Options) -> Tensor:
-    return s[BASELINE_TERMS[baseline(o)]]
+    return s[NOISE_TERMS[baseline(o)]]
 
 
 def _parts(s: Terms, o: Options) -> dict[str, Tensor]:
     out = {"kl_spliced": s["kl_spliced"] / s["n_kl"]}
-    out |= {term: s[term] / s["n_kl"] for term in BASELINE_TERMS.values() if term in s}
+    out |= {term: s[term] / s["n_kl"] for term in NOISE_TERMS.values() if term in s}
     return out
 
 
 PATHOLOGICAL_ERROR = register_metric(Metric(
-    name=NAME,
+    name="pathological_error",
     terms=_terms,
     aggregate=lambda s, o: s["kl_spliced"] / _kl_eps(s, o),
     higher_is_better=False,
@@ -80,6 +84,9 @@ PATHOLOGICAL_ERROR = register_metric(Metric(
     parts_of=_parts,
     count="n_kl",
     bounds=NON_NEGATIVE,
-    run_options=("n_draws", "seed"),
     tolerance=0.1,
+    options={"n_draws": N_DRAWS, "baseline": BASELINE},
+    needs=_needs,
+    single=True,
+    seeded=True,
 ))

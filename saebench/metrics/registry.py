@@ -33,18 +33,24 @@ Term names (the contract with the engine; all float64 per-sequence sums):
   positions have a non-finite reconstruction or feature activation, and the first one
   (−1 when none). `saebench.stats.summarize` turns them into `empty` and `nan` verdicts.
 
-Options: `ablation` ("zero" or "mean", default "zero") and `dense_threshold` (default 0.01).
+A metric also declares its own options (`options`: `ablation`, `dense_threshold`, ...; the
+options every check takes are `saebench.suite.OPTIONS`) and what it needs from a run
+(`needs(options, site)` -> `Needs`): `saebench.plan` turns those declarations into engine
+requests, so a metric family lives in one module. What the engine does not compute itself,
+a metric computes in a `Probe` of its own, called on each batch with the clean and spliced
+activations it asked for.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from numbers import Real
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
+
+from saebench.options import Option, choice_option, fraction
 
 Terms = Mapping[str, Tensor]
 Options = Mapping[str, Any]
@@ -67,17 +73,136 @@ LAYER_TERMS = ("n_layer", "layer_sq_err", "layer_sq_target", "layer_sum_target")
 RECONSTRUCTION_TERMS = ("n_act", "l0", "sq_err", "sq_target", "sum_target", "sq_recon", "dot",
                         "cossim", "l2_ratio", "feature_counts")
 VECTOR_TERMS = ("sum_target", "feature_counts")
+NOISE_TERMS = {"isotropic": "kl_eps_iso", "covariance": "kl_eps_cov"}
+"""Each random-noise baseline of the engine's noise passes and the term of its KL sums."""
+
+
+@dataclass
+class BatchView:
+    """What a `Probe` sees of one batch of an engine run.
+
+    `tokens` [b, t]; `first_row` the index of its first sequence in the run's tokens;
+    `act_mask` the evaluated positions (input token not special); `splice_mask` those the
+    request splices; `clean` / `spliced`: activations at the probe's `clean_hooks` in the
+    clean pass and at its `spliced_hooks` in the request's spliced pass (the first sweep
+    only); `rerun(edits, hooks)`: the activations at `hooks` of one more spliced pass with
+    the feature `edits` (`saebench.splice.FeatureEdit`) applied.
+    """
+
+    tokens: Tensor
+    first_row: int
+    act_mask: Tensor
+    splice_mask: Tensor
+    clean: Mapping[str, Tensor]
+    spliced: Mapping[str, Tensor]
+    rerun: Callable[[tuple, tuple[str, ...]], dict[str, Tensor]]
+
+
+class Probe:
+    """A metric's own computation inside an engine run: told each batch (`batch`), it
+    returns per-sequence terms [b, ...] (float64 sums) for the request's term log.
+
+    `key` identifies what it computes (equal keys in one request run once); a probe that
+    needs what a whole pass over the data found (the most frequent features, a maximum)
+    asks for `sweeps` > 1 passes, and `end_sweep(i)` is called after pass i. Subclass it
+    in the metric's module; `saebench.plan` adds it to the request of the checks needing it.
+    """
+
+    key: Hashable = None
+    sweeps: int = 1
+    clean_hooks: tuple[str, ...] = ()
+    spliced_hooks: tuple[str, ...] = ()
+
+    def batch(self, view: BatchView, sweep: int) -> Mapping[str, Tensor]:
+        raise NotImplementedError
+
+    def end_sweep(self, sweep: int) -> None:
+        """Called after pass `sweep` over the data (choose features, fix a maximum)."""
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a check's metric needs from the run computing it; `saebench.plan` merges the
+    needs of the checks sharing a request (`merge`) and builds the request from them.
+
+    `spliced`: the spliced pass with logits (CE, KL, agreement; task logit differences);
+    `ablations`: ablation passes or baselines by kind; `reconstruction`: the activation
+    terms of one dictionary; `layers`: the error at each write hook; `noise_draws` /
+    `noise_baselines`: random-noise passes (`NOISE_TERMS`); `dla`: the task's direct logit
+    attributions; `feature_k`: the task's top-k feature ablation; `probes`: the metric's
+    own computations.
+    """
+
+    spliced: bool = False
+    ablations: frozenset[str] = frozenset()
+    reconstruction: bool = False
+    layers: bool = False
+    noise_draws: int = 0
+    noise_baselines: frozenset[str] = frozenset()
+    dla: bool = False
+    feature_k: int | None = None
+    probes: tuple[Probe, ...] = ()
+
+    def merge(self, other: Needs) -> Needs:
+        """Both needs at once: flags or-ed, sets joined, counts the larger, probes by key."""
+        probes = {p.key: p for p in (*self.probes, *other.probes)}
+        return Needs(
+            spliced=self.spliced or other.spliced, ablations=self.ablations | other.ablations,
+            reconstruction=self.reconstruction or other.reconstruction,
+            layers=self.layers or other.layers,
+            noise_draws=max(self.noise_draws, other.noise_draws),
+            noise_baselines=self.noise_baselines | other.noise_baselines,
+            dla=self.dla or other.dla,
+            feature_k=max(self.feature_k or 0, other.feature_k or 0) or None,
+            probes=tuple(probes.values()))
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a metric's `needs` may look at: the dictionaries spliced (`dictionaries`, the
+    parts of every entry of the check) and those the check reads without splicing (`read`,
+    the parts of its `read:` entry; empty unless the metric `reads`) and the `model`
+    they are spliced into (for hook shapes and weights such as `W_U`)."""
+
+    dictionaries: tuple[Any, ...]
+    read: tuple[Any, ...] = ()
+    model: Any = None
+
+
+@dataclass(frozen=True)
+class TableContext:
+    """What a metric's `tables` may use to build a check's side-table rows: its request's
+    `terms`, the task run's `per_prompt` and `features` rows (task checks), the metric
+    `options`, `n_boot` and `seed` for intervals, the request's `write_hooks`, and
+    `summarize(metric, options, terms)`: `saebench.stats.summarize` with the check's
+    `n_boot` and `seed`; `interval(values, counts=None)`: the 95% percentile bootstrap
+    interval of the mean of per-sequence (per-prompt) `values` [n] (or of Σ values / Σ
+    counts), resampled as the check's values are; `probes`: the request's probes after the
+    run, by key (what they found, such as a metric's chosen features)."""
+
+    terms: Mapping[str, Tensor]
+    options: Options
+    n_boot: int
+    seed: int
+    summarize: Callable[..., Any]
+    interval: Callable[..., tuple[float, float]]
+    probes: Mapping[Hashable, Probe] = field(default_factory=dict)
+    write_hooks: tuple[str, ...] = ()
+    per_prompt: tuple[dict, ...] = ()
+    features: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One aggregate metric: which terms it needs, how it reduces them, which way is better.
+    """One aggregate metric: which terms it needs, how it reduces them, which way is better,
+    its options and what it needs from a run.
 
     `terms(options)` names the terms needed; `aggregate(summed, options)` and, for ratio
     metrics, `denominator(summed, options)` map summed terms [...] / [..., k] to [...].
     `denominator_name` says in words what the denominator is (for "unstable" verdicts);
     `parts_of(summed, options)` gives the raw quantities a reader needs to audit the value.
-    `kind` is "downstream" (clean/spliced/ablated passes) or "reconstruction" (activations).
+    `kind` is "downstream" (clean/spliced/ablated passes), "reconstruction" (activations) or
+    "task" (a task's prompts).
     `bootstrap=False` marks a statistic that resampling sequences misrepresents (no interval).
     `count` names the term counting the positions averaged over, when it is not the kind's
     default (n_pred for downstream, n_act for reconstruction).
@@ -85,10 +210,18 @@ class Metric:
     depends on them), so a threshold that no value can fail, or pass, is refused.
     `needs_splice`: the value means something only if the splice changed a counted position
     (true for downstream and task metrics whose terms come from the spliced run).
-    `run_options` name the options that shape the run producing the terms (not only their
-    summary), so checks that differ in them never share a run.
     `tolerance` (absolute) and `rel_tolerance` (a share of the baseline's value) are how much
     worse than its baseline a value may be before a gate calls it a regression, by default.
+
+    What the planner reads: `options` (name -> `Option`, the metric's own options),
+    `needs(options, site)` -> `Needs` (by default from `kind`: the spliced pass for
+    downstream and task metrics, the reconstruction terms for reconstruction ones),
+    `single` (needs a dictionary reading one hook and writing one; default: reconstruction
+    metrics), `seeded` (its run draws random numbers from the check's seed),
+    `random_baseline` (takes `random_baseline: true`: a ratio of spliced-pass terms),
+    `reads` (a check names, with `read:`, a dictionary it reads without splicing) and
+    `tables(context)` -> {file name: rows} (its side tables: per_prompt.csv, features.csv,
+    layers.csv).
     """
 
     name: str
@@ -104,9 +237,15 @@ class Metric:
     count: str | None = None
     bounds: tuple[float, float] | Callable[[Options], tuple[float, float]] = UNBOUNDED
     needs_splice: bool = True
-    run_options: tuple[str, ...] = ()
     tolerance: float = 0.01
     rel_tolerance: float = 0.0
+    options: Mapping[str, Option] = field(default_factory=dict)
+    needs: Callable[[Options, Site], Needs] | None = None
+    single: bool | None = None
+    seeded: bool = False
+    random_baseline: bool = False
+    reads: bool = False
+    tables: Callable[[TableContext], dict[str, list[dict]]] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -124,6 +263,34 @@ class Metric:
         if not self.needs_splice or self.kind == "reconstruction":
             return None
         return SPLICED_COUNTS.get(self.count_term)
+
+    @property
+    def one_hook(self) -> bool:
+        """Whether the metric needs a dictionary that reads one hook and writes one."""
+        return self.kind == "reconstruction" if self.single is None else self.single
+
+    @property
+    def run_options(self) -> tuple[str, ...]:
+        """The options that shape the run producing the terms (not only their summary), so
+        checks that differ in them never share a run; `seed` for a seeded metric."""
+        own = tuple(k for k, o in self.options.items() if o.shapes_run)
+        return (*own, "seed") if self.seeded else own
+
+    def option(self, options: Options, name: str) -> Any:
+        """The validated value of the metric's option `name` in `options` (or its default)."""
+        return self.options[name].value(options, name)
+
+    def defaults(self) -> dict[str, Any]:
+        """The metric's options with a default, and their defaults."""
+        return {k: o.default for k, o in self.options.items() if o.default is not None}
+
+    def needs_of(self, options: Options, site: Site) -> Needs:
+        """What a check with `options` on `site` needs from its run."""
+        if self.needs is not None:
+            return self.needs(options, site)
+        if self.kind == "reconstruction":
+            return Needs(reconstruction=True)
+        return Needs(spliced=True)
 
     def value_range(self, options: Options) -> tuple[float, float]:
         """The closed range every value of this metric lies in, given the options."""
@@ -187,7 +354,7 @@ def margin_over_random(metric: Metric) -> Metric:
                   higher_is_better=True, description=f"{metric.name} − its random baseline",
                   kind=metric.kind, denominator=metric.denominator,
                   denominator_name=metric.denominator_name, count=metric.count,
-                  needs_splice=metric.needs_splice)
+                  needs_splice=metric.needs_splice, options=metric.options)
 
 
 def parts(metric: Metric, summed_terms: Terms, options: Options) -> dict[str, float]:
@@ -206,30 +373,23 @@ def parts(metric: Metric, summed_terms: Terms, options: Options) -> dict[str, fl
     return out
 
 
-def choice(options: Options, name: str, allowed: Iterable[str], label: str | None = None) -> str:
-    """Option `name` validated against `allowed`, whose first entry is the default.
-
-        >>> choice({}, "ablation", ABLATIONS)
-        'zero'
-    """
-    allowed = tuple(allowed)
-    value = options.get(name, allowed[0])
-    if value not in allowed:
-        raise ValueError(f"unknown {label or name} {value!r}; choose from {', '.join(allowed)}")
-    return value
+ABLATION = choice_option("the baseline the site is ablated to: zero or mean", *ABLATIONS)
+DENSE_THRESHOLD = Option("activation rate above which a feature counts as dense", fraction,
+                         0.01)
 
 
 def ablation_kind(options: Options) -> str:
     """The `ablation` option ("zero" by default), validated."""
-    return choice(options, "ablation", ABLATIONS, "ablation kind")
+    return ABLATION.value(options, "ablation")
 
 
 def dense_threshold(options: Options) -> float:
     """The `dense_threshold` option (0.01 by default), validated to lie in [0, 1]."""
-    value = options.get("dense_threshold", 0.01)
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value <= 1:
-        raise ValueError(f"dense_threshold must be a number in [0, 1], got {value!r}")
-    return float(value)
+    return DENSE_THRESHOLD.value(options, "dense_threshold")
+
+
+def _ablation_needs(options: Options, site: Site) -> Needs:
+    return Needs(spliced=True, ablations=frozenset({ablation_kind(options)}))
 
 
 def _per(s: Terms, name: str, count: str) -> Tensor:
@@ -272,6 +432,9 @@ register_metric(Metric(
     parts_of=lambda s, o: {"ce_clean": _per(s, "ce_clean", "n_pred"),
                            "ce_spliced": _per(s, "ce_spliced", "n_pred"),
                            "ce_abl": _ce_abl(s, o) / s["n_pred"]},
+    options={"ablation": ABLATION},
+    needs=_ablation_needs,
+    random_baseline=True,
 ))
 
 register_metric(Metric(
@@ -314,6 +477,9 @@ register_metric(Metric(
                            "kl_abl": _kl_abl(s, o) / s["n_kl"]},
     count="n_kl",
     bounds=(-math.inf, 1.0),
+    options={"ablation": ABLATION},
+    needs=_ablation_needs,
+    random_baseline=True,
 ))
 
 register_metric(Metric(
@@ -443,6 +609,7 @@ register_metric(Metric(
     parts_of=lambda s, o: {"n_features": s["n_act"].new_tensor(s["feature_counts"].shape[-1]),
                            "dense_threshold": s["n_act"].new_tensor(dense_threshold(o))},
     bounds=FRACTION,
+    options={"dense_threshold": DENSE_THRESHOLD},
 ))
 
 
@@ -452,19 +619,36 @@ def layer_errors(s: Terms) -> Tensor:
     return s["layer_sq_err"] / variance
 
 
+def _layer(value: Any) -> str | int:
+    if value == "max" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"must be 'max' or the index of a write hook, got {value!r}")
+
+
 def _layer_choice(s: Terms, o: Options) -> Tensor:
     errors = layer_errors(s)
-    layer = o.get("layer", "max")
+    layer = _LAYER.value(o, "layer")
     if layer == "max":
         return errors.max(-1).values
-    if isinstance(layer, bool) or not isinstance(layer, int) \
-            or not -errors.shape[-1] <= layer < errors.shape[-1]:
+    if not -errors.shape[-1] <= layer < errors.shape[-1]:
         raise ValueError(f"layer must be 'max' or an index among the {errors.shape[-1]} write "
                          f"hooks, got {layer!r}")
     return errors[..., layer]
 
 
-register_metric(Metric(
+def _layer_rows(ctx: TableContext) -> dict[str, list[dict]]:
+    """One row per write hook: its value and interval (`layers.csv`)."""
+    rows = []
+    for layer, hook in enumerate(ctx.write_hooks):
+        summary = ctx.summarize(PER_LAYER_ERROR, {**ctx.options, "layer": layer}, ctx.terms)
+        rows.append({"layer": layer, "hook": hook, "value": summary.value,
+                     "ci_low": summary.ci_low, "ci_high": summary.ci_high})
+    return {"layers.csv": rows}
+
+
+_LAYER = Option("the write hook whose error is the value: max (the worst) or an index",
+                _layer, "max")
+PER_LAYER_ERROR = register_metric(Metric(
     name="per_layer_error",
     terms=_fixed(*LAYER_TERMS),
     aggregate=_layer_choice,
@@ -479,4 +663,7 @@ register_metric(Metric(
     count="n_layer",
     parts_of=lambda s, o: {f"layer_{i}": v for i, v in enumerate(layer_errors(s).unbind(-1))},
     bounds=NON_NEGATIVE,
+    options={"layer": _LAYER},
+    needs=lambda o, site: Needs(spliced=True, layers=True),
+    tables=_layer_rows,
 ))

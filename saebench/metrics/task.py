@@ -18,40 +18,50 @@ sign), `dla_original`, `dla_reconstruction`, `dla_remainder`, `abs_dla_reconstru
 
 from __future__ import annotations
 
-from numbers import Integral
-
 from torch import Tensor
 
 from saebench.metrics.registry import (
     FRACTION,
     UNBOUNDED,
     Metric,
+    Needs,
     Options,
+    Site,
+    TableContext,
     Terms,
-    choice,
     register_metric,
 )
+from saebench.options import Option, choice_option, positive_int
 
-NORMALIZE = ("none", "zero", "mean")
-SHARES = ("signed", "abs")
+NORMALIZE = choice_option("logit_diff_recovered against an ablation baseline: none, zero, "
+                          "mean", "none", "zero", "mean")
+SHARE = choice_option("remainder_dla share: signed or abs", "signed", "abs")
+TOP_K = Option("how many top features feature_ablation zeroes", positive_int, 3,
+               shapes_run=True, at_most="d_sae")
 
 
 def normalize_kind(options: Options) -> str:
     """The `normalize` option of logit_diff_recovered ("none" by default), validated."""
-    return choice(options, "normalize", NORMALIZE)
+    return NORMALIZE.value(options, "normalize")
 
 
 def share_kind(options: Options) -> str:
     """The `share` option of remainder_dla ("signed" by default), validated."""
-    return choice(options, "share", SHARES)
+    return SHARE.value(options, "share")
 
 
 def top_k(options: Options) -> int:
     """The `k` option of feature_ablation (3 by default), validated to be positive."""
-    k = options.get("k", 3)
-    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(k)
+    return TOP_K.value(options, "k")
+
+
+def _prompt_rows(prefix: str):
+    """A `tables` function: the task's per-prompt rows with the numbers named `prefix*`."""
+    def tables(ctx: TableContext) -> dict[str, list[dict]]:
+        return {"per_prompt.csv": [
+            {k: v for k, v in row.items() if not isinstance(v, float) or k.startswith(prefix)}
+            for row in ctx.per_prompt]}
+    return tables
 
 
 def _mean(s: Terms, name: str) -> Tensor:
@@ -95,6 +105,10 @@ register_metric(Metric(
     denominator=_ld_denominator,
     denominator_name="mean LD_clean (− mean LD_abl when normalized), in logits",
     parts_of=_ld_parts,
+    options={"normalize": NORMALIZE},
+    needs=lambda o, site: Needs(spliced=True,
+                                ablations=frozenset({normalize_kind(o)} - {"none"})),
+    tables=_prompt_rows("ld_"),
 ))
 
 register_metric(Metric(
@@ -143,6 +157,10 @@ register_metric(Metric(
                            ("dla_original", "dla_reconstruction", "dla_remainder")},
     bounds=lambda o: FRACTION if share_kind(o) == "abs" else UNBOUNDED,
     needs_splice=False,
+    options={"share": SHARE},
+    needs=lambda o, site: Needs(spliced=True, dla=True),
+    single=True,
+    tables=_prompt_rows("dla_"),
 ))
 
 
@@ -160,6 +178,20 @@ def _feature_terms(o: Options) -> tuple[str, ...]:
     return ("n_prompts", "ld_spliced", "ld_topk_zeroed")
 
 
+def _feature_needs(o: Options, site: Site) -> Needs:
+    return Needs(spliced=True, feature_k=top_k(o))
+
+
+def _feature_rows(ctx: TableContext) -> dict[str, list[dict]]:
+    """The task's top-k feature table, each effect with its bootstrap interval over prompts."""
+    effects = ctx.terms["feature_effect"]
+    rows = []
+    for j, row in enumerate(ctx.features):
+        low, high = ctx.interval(effects[:, j])
+        rows.append({"table": "ablation", **row, "ci_low": low, "ci_high": high})
+    return {"features.csv": rows}
+
+
 register_metric(Metric(
     name="feature_ablation",
     terms=_feature_terms,
@@ -175,5 +207,8 @@ register_metric(Metric(
     parts_of=lambda s, o: {"ld_spliced": _mean(s, "ld_spliced"),
                            "ld_topk_zeroed": _topk_zeroed(s, o) / s["n_prompts"],
                            "k": s["n_prompts"].new_tensor(top_k(o))},
-    run_options=("k", "seed", "n_boot"),
+    options={"k": TOP_K},
+    needs=_feature_needs,
+    single=True,
+    tables=_feature_rows,
 ))
