@@ -65,3 +65,24 @@ def module_path(output_hook: str) -> str:
         if match:
             return canonical.format(n=match[1])
     raise ValueError(f"no Hugging Face module path is known for the hook {output_hook!r}")
+
+
+_BLOCK_ORDER = ("hook_resid_pre", "ln1.", "attn.", "hook_attn_out", "hook_resid_mid", "ln2.",
+                "mlp.", "hook_mlp_out", "hook_resid_post")
+"""The parts of a TransformerLens block in the order its hooks run."""
+
+
+def hook_order(hook: str) -> tuple[int, int]:
+    """(layer, place within the block) of a `blocks.N....` hook: a hook runs before another
+    when its order is smaller (within one sublayer the order is shared); `embed`-level hooks
+    come first and `ln_final` last.
+
+        >>> hook_order("blocks.2.hook_mlp_out") < hook_order("blocks.3.hook_resid_pre")
+        True
+    """
+    if not hook.startswith("blocks."):
+        return (-1, 0) if hook.startswith(("hook_embed", "hook_pos_embed")) else (1 << 30, 0)
+    _, layer, rest = hook.split(".", 2)
+    place = next((i for i, part in enumerate(_BLOCK_ORDER) if rest.startswith(part)),
+                 len(_BLOCK_ORDER))
+    return (int(layer), place)

@@ -6,6 +6,9 @@
 """
 
 from saebench.metrics import (
+    clamp,  # noqa: F401  (registers clamp_effect)
+    fidelity,  # noqa: F401  (registers feature_fidelity, feature_jaccard, feature_l0_drift)
+    hidden,  # noqa: F401  (registers transcoder_hidden_fidelity)
     pathological,  # noqa: F401  (registers pathological_error)
     task,  # noqa: F401  (registers the task metrics)
 )
