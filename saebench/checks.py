@@ -168,6 +168,7 @@ class SuiteRun:
         self._models = models if models is not None else {}
         self.model: Any = None
         self.tokens: torch.Tensor | None = None
+        self.sources: tuple[str, ...] = ()
         self.prompts: dict[str, list] = {}
         self.infos: dict[str, resolve.DictionaryInfo] = {}
         self.provenance: dict[str, Any] = {}
@@ -210,7 +211,8 @@ class SuiteRun:
         try:
             self.model = self._load_model(device, dtype)
             data = suite.data if s.n_tokens is None else replace(suite.data, n_tokens=s.n_tokens)
-            self.tokens = resolve.resolve_tokens(data, self.model, suite_path=suite.path)
+            self.tokens, self.sources = resolve.resolve_token_sources(data, self.model,
+                                                                      suite_path=suite.path)
         except resolve.HubUnavailable as err:
             self._problems["suite"] = Problem("skipped", f"needs a model or dataset hub: {err}")
             return
@@ -494,7 +496,8 @@ class SuiteRun:
         dictionaries = self._parts(key[0])
         read = self._parts((first.read,)) if first.read else ()
         common = plan.Common(positions=opts["positions"], error_term=opts["error_term"],
-                             edits=_feature_edits(key, opts), seed=self._seed(first))
+                             edits=_feature_edits(key, opts), seed=self._seed(first),
+                             by_position=any(_options(c)["by"] == "position" for c in group))
         wants = [(get_metric(c.metric), metric_options(c)) for c in group]
         site = Site(dictionaries, read, self.model)
         return f"{index}:" + "+".join(key[0]), dictionaries, wants, site, common
@@ -530,10 +533,34 @@ class SuiteRun:
         base = {"suite": self.suite.name, "check_id": check.id,
                 "dictionary": "+".join(check.dictionaries), "task": check.task or ""}
         tables = metric.tables(context) if metric.tables is not None else {}
+        if _options(check)["by"] != "none":
+            tables[results.BREAKDOWN_FILE] = self._breakdown(check, metric, terms)
         features = tables.get(results.FEATURES_FILE, [])
         if features or _options(check)["features"]:
             tables[results.FEATURES_FILE] = [*features, *self._cards(check, features)]
         return {file: [{**base, **row} for row in rows] for file, rows in tables.items()}
+
+    def _breakdown(self, check: Check, metric: Metric, terms: dict[str, torch.Tensor]
+                   ) -> list[dict[str, Any]]:
+        """A check's value in each bucket of its `by:` breakdown: each bucket of token
+        positions (the engine's `@first-last:` terms), or each data source (its sequences)."""
+        by = _options(check)["by"]
+        if by == "position":
+            prefixes = dict.fromkeys(k.split(":", 1)[0] + ":" for k in terms if k[0] == "@")
+            parts = {p[1:-1]: {**{k: v for k, v in terms.items() if not k.startswith("@")},
+                               **{k.removeprefix(p): v for k, v in terms.items()
+                                  if k.startswith(p)}} for p in prefixes}
+        else:
+            names = list(dict.fromkeys(self.sources))
+            parts = {name: {k: v[torch.tensor([s == name for s in self.sources])]
+                            for k, v in terms.items()} for name in names}
+        rows = []
+        for bucket, bucket_terms in parts.items():
+            summary = self._summarize(check, metric, bucket_terms)
+            rows.append({"metric": check.metric, "by": by, "bucket": bucket,
+                         "value": summary.value, "ci_low": summary.ci_low,
+                         "ci_high": summary.ci_high, "n": summary.n})
+        return rows
 
     def _cards(self, check: Check, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Feature cards over the suite's tokens for every feature a check's tables name (an

@@ -59,7 +59,9 @@ class Request:
     summed over the KL positions and averaged over that many random draws of ε seeded by
     `noise_seed` (see `saebench.metrics.pathological`). `probes` are metrics' own
     computations (`saebench.metrics.registry.Probe`), told every batch; those reading the
-    spliced pass's activations need `downstream=True`.
+    spliced pass's activations need `downstream=True`. `by_position` adds every spliced,
+    ablation, layer and reconstruction term once more per bucket of token positions
+    (`position_buckets`), named `@<first>-<last>:<term>`.
     """
 
     key: str
@@ -75,6 +77,7 @@ class Request:
     noise_baselines: tuple[str, ...] = tuple(NOISE_TERMS)
     layers: bool = False
     probes: tuple[Probe, ...] = ()
+    by_position: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.ablations) - set(ABLATIONS)
@@ -131,6 +134,30 @@ class RunMemo:
     hooks: frozenset[str] = frozenset()
     moments: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     passes: dict[tuple, tuple] = field(default_factory=dict)
+
+
+def position_buckets(seq_len: int) -> list[tuple[int, int]]:
+    """Buckets of token positions, [first, last] inclusive, doubling in width (0, 1, 2-3,
+    4-7, ...) as Gemma Scope reports delta loss by position; the last one ends the sequence.
+
+        >>> position_buckets(10)
+        [(0, 0), (1, 1), (2, 3), (4, 7), (8, 9)]
+    """
+    buckets, start = [], 0
+    while start < seq_len:
+        end = min(2 * start - 1 if start else 0, seq_len - 1)
+        buckets.append((start, end))
+        start = end + 1
+    return buckets
+
+
+def bucket_prefix(bucket: tuple[int, int]) -> str:
+    """The prefix of a bucket's terms: `@4-7:`."""
+    return f"@{bucket[0]}-{bucket[1]}:"
+
+
+def _prefixed(prefix: str, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + k: v for k, v in terms.items()}
 
 
 def clean_pass_bytes(model: HookedTransformer, n_tokens: int, widths: Iterable[int]) -> int:
@@ -377,6 +404,8 @@ def run(
     stop = None if needs_logits else min(
         model.cfg.n_layers, max(hook_layer(h) for h in cache_hooks) + 1)
 
+    by_position = any(r.by_position for r in requests)
+
     def clean_pass(batch: Tensor, first_row: int) -> tuple[dict, _Clean | None, Tensor]:
         batch = batch.to(device)
         act_mask = ~torch.isin(batch, special)
@@ -398,11 +427,16 @@ def run(
     for batch in _batches(tokens, options.batch_size):
         batch = batch.to(device)
         cache, clean, act_mask = clean_pass(batch, first_row)
+        buckets = [(bucket_prefix(b), _in_bucket(b, batch)) for b in
+                   position_buckets(batch.shape[1])] if by_position else []
         if needs_logits:
             for hooks, kind in ablation_sets:
                 abl_logits = _ablated_logits(model, cache, batch, hooks, kind, means,
                                              token_independent)
                 ablation_logs[(hooks, kind)].add(**clean.terms_against(abl_logits, kind))
+                for prefix, within in buckets:
+                    ablation_logs[(hooks, kind)].add(**_prefixed(
+                        prefix, clean.restricted(within).terms_against(abl_logits, kind)))
         for stack in _stacks(requests, options.stack_bytes, batch.numel() * model.cfg.d_vocab * 4):
             masks = {r.key: act_mask & position_mask(r.positions, *batch.shape,
                                                      device=batch.device) for r in stack}
@@ -424,6 +458,13 @@ def run(
                                           **clean.spliced_counts(mask))
                     if request.layers:
                         logs[request.key].add(**layer_terms(request, cache, written, mask))
+                    for prefix, within in buckets if request.by_position else ():
+                        part = clean.restricted(within)
+                        logs[request.key].add(**_prefixed(
+                            prefix, part.terms_against(spliced, "spliced")
+                            | part.spliced_counts(mask)
+                            | (layer_terms(request, cache, written, mask & within)
+                               if request.layers else {})))
                     del spliced
                     if not request.reconstruction:
                         evaluated = mask
@@ -437,8 +478,11 @@ def run(
                 if request.reconstruction:
                     if not record:
                         _record_from_cache(cache, request, act_mask, record)
-                    logs[request.key].add(**_reconstruction_terms(
-                        record[request.dictionaries[0].name], act_mask))
+                    rec = record[request.dictionaries[0].name]
+                    logs[request.key].add(**_reconstruction_terms(rec, act_mask))
+                    for prefix, within in buckets if request.by_position else ():
+                        logs[request.key].add(**_prefixed(
+                            prefix, _reconstruction_terms(rec, act_mask & within)))
                 logs[request.key].add(**health_terms(record, evaluated))
         bar.update(len(batch))
         first_row += len(batch)
@@ -453,9 +497,17 @@ def run(
         if request.downstream:
             for kind in request.ablations:
                 abl = ablation_logs[(request.write_hooks, kind)].finish()
-                terms[f"ce_{kind}"], terms[f"kl_{kind}"] = abl[f"ce_{kind}"], abl[f"kl_{kind}"]
+                terms.update({k: v for k, v in abl.items()
+                              if k.rsplit(":", 1)[-1] in (f"ce_{kind}", f"kl_{kind}")
+                              and (request.by_position or ":" not in k)})
         results[request.key] = terms
     return results
+
+
+def _in_bucket(bucket: tuple[int, int], batch: Tensor) -> Tensor:
+    """[b, t] mask of the positions in `bucket` (inclusive)."""
+    positions = torch.arange(batch.shape[1], device=batch.device)
+    return ((positions >= bucket[0]) & (positions <= bucket[1])).expand_as(batch)
 
 
 class _Clean:
@@ -479,6 +531,18 @@ class _Clean:
             "n_pred": self.pred_mask.sum(-1),
             "n_kl": act_mask.sum(-1),
         }
+
+    def restricted(self, within: Tensor) -> _Clean:
+        """The same log-probs, counting only the positions `within` [b, t] (a bucket)."""
+        part = object.__new__(_Clean)
+        part.batch, part.log_p, part.top1 = self.batch, self.log_p, self.top1
+        part.act_mask = self.act_mask & within
+        part.pred_mask = part.act_mask[:, :-1]
+        part.shared = {
+            "ce_clean": tok_metrics.sequence_sums(
+                tok_metrics.next_token_nll(self.log_p, self.batch), part.pred_mask),
+            "n_pred": part.pred_mask.sum(-1), "n_kl": part.act_mask.sum(-1)}
+        return part
 
     def terms_against(self, logits: torch.Tensor, label: str) -> dict[str, torch.Tensor]:
         log_q = tok_metrics.log_probs(logits).expand_as(self.log_p)

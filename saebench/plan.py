@@ -30,12 +30,14 @@ Want = tuple[Metric, Mapping[str, Any]]
 @dataclass(frozen=True)
 class Common:
     """The options every check takes that shape its passes: where it splices, whether the
-    error term is added back, feature edits, and the seed of its random draws."""
+    error term is added back, feature edits, the seed of its random draws, and whether its
+    terms are also wanted per bucket of token positions (`by: position`)."""
 
     positions: Any = "all"
     error_term: bool = False
     edits: tuple[FeatureEdit, ...] = ()
     seed: int = 0
+    by_position: bool = False
 
 
 def needs(wants: Iterable[Want], site: Site) -> Needs:
@@ -58,7 +60,7 @@ def token_request(key: str, dictionaries: tuple[Dictionary, ...], wants: Sequenc
         edits=common.edits,
         noise_draws=need.noise_draws, noise_seed=common.seed,
         noise_baselines=tuple(sorted(need.noise_baselines)),
-        probes=need.probes)
+        probes=need.probes, by_position=common.by_position)
 
 
 def random_request(key: str, dictionaries: tuple[Dictionary, ...], wants: Sequence[Want],
@@ -70,7 +72,7 @@ def random_request(key: str, dictionaries: tuple[Dictionary, ...], wants: Sequen
         key=key, dictionaries=dictionaries, reconstruction=False,
         ablations=tuple(sorted(need.ablations)), error_term=common.error_term,
         positions=None if common.positions == "all" else common.positions,
-        edits=common.edits)
+        edits=common.edits, by_position=common.by_position)
 
 
 def task_request(key: str, dictionaries: tuple[Dictionary, ...], wants: Sequence[Want],

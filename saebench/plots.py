@@ -268,6 +268,32 @@ def layer_curves(frame: pd.DataFrame, path: Path, *, metric: str, layer: str = "
     return _save(figure, path)
 
 
+def bucket_curves(frame: pd.DataFrame, path: Path, *, value: str = "value",
+                  label: str = "check_id", bucket: str = "bucket", title: str = "",
+                  y_label: str = "value") -> Path:
+    """One line per `label` across the buckets of a breakdown (in their order of
+    appearance, e.g. token positions 0, 1, 2-3, 4-7, ...), the 95% interval as a band.
+
+    >>> bucket_curves(breakdown, Path("by-position.png"), title="delta_ce by position")
+    """
+    figure, axes = _figure()
+    buckets = list(dict.fromkeys(frame[bucket].astype(str)))
+    data = frame[frame[value].notna()]
+    for colour, name, rows in _groups(data, label):
+        xs = rows[bucket].astype(str).map(buckets.index).to_numpy()
+        axes.plot(xs, _numbers(rows[value]), marker="o", color=colour, label=name)
+        if _has_interval(rows.rename(columns={"ci_low": f"{value}_ci_low",
+                                              "ci_high": f"{value}_ci_high"}), value):
+            axes.fill_between(xs, _numbers(rows["ci_low"]), _numbers(rows["ci_high"]),
+                              color=colour, alpha=0.2, linewidth=0)
+    if data.empty:
+        _no_data(axes)
+    axes.set_xticks(range(len(buckets)), buckets, fontsize=8, rotation=30)
+    axes.set(xlabel=bucket, ylabel=y_label, title=title)
+    _legend(axes)
+    return _save(figure, path)
+
+
 # --------------------------------------------------------------------------- intervals
 
 

@@ -30,6 +30,8 @@ from tabulate import tabulate
 
 from saebench import plots
 from saebench.results import (
+    BREAKDOWN_COLUMNS,
+    BREAKDOWN_FILE,
     FEATURE_COLUMNS,
     FEATURES_FILE,
     PER_PROMPT_BASE_COLUMNS,
@@ -513,7 +515,7 @@ class Plot:
     draw: Callable[[Path], Path]
 
 
-def plan_plots(results: pd.DataFrame) -> list[Plot]:
+def plan_plots(results: pd.DataFrame, breakdown: pd.DataFrame | None = None) -> list[Plot]:
     """The plots of a run, per suite: L0 vs loss recovered of its dictionaries, loss
     recovered per layer and family, the per-layer error of replacement models, and
     logit-diff recovered per task; a plot is planned
@@ -550,6 +552,24 @@ def plan_plots(results: pd.DataFrame) -> list[Plot]:
                 partial(plots.interval_bars, tasks, label="dictionary", value=TASK_VALUE,
                         low="ci_low", high="ci_high", group="task", reference=1.0,
                         title=f"Logit-diff recovered per task (95% CI){where}")))
+        planned += _breakdown_plots(breakdown, suite, slug, where)
+    return planned
+
+
+def _breakdown_plots(breakdown: pd.DataFrame | None, suite: Any, slug: str, where: str
+                     ) -> list[Plot]:
+    """Per breakdown (`by:` position or source) and metric of a suite, the value in each
+    bucket, one line per check."""
+    if breakdown is None or breakdown.empty:
+        return []
+    rows = breakdown[breakdown["suite"].astype(str) == str(suite)]
+    planned = []
+    for (by, metric), group in rows.groupby(["by", "metric"], sort=False):
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{metric}-by-{by}")
+        planned.append(Plot(
+            f"{PLOTS_DIR}/{slug}-{name}.png", f"{metric} by {by}{where}",
+            partial(plots.bucket_curves, group.reset_index(drop=True), bucket="bucket",
+                    title=f"{metric} by {by} (95% CI){where}", y_label=metric)))
     return planned
 
 
@@ -886,9 +906,11 @@ def render_report(run_dir: Path, worst_prompts: int = 5) -> str:
     run_dir = Path(run_dir)
     results = _with_keys(read_results(run_dir))
     baseline = _read_baseline(run_dir)
+    breakdown = _read_breakdown(run_dir)
     parts = [_summary(results, run_dir, baseline), _attention_section(results, baseline),
-             _matrix_section(results), _plots_section(results, plan_plots(results)),
-             _checks_section(results)]
+             _matrix_section(results),
+             _plots_section(results, plan_plots(results, breakdown)),
+             _checks_section(results), _breakdown_section(breakdown)]
     if worst_prompts > 0:
         parts.append(_worst_prompts_section(read_per_prompt(run_dir), worst_prompts))
     if (run_dir / FEATURES_FILE).is_file():
@@ -896,6 +918,28 @@ def render_report(run_dir: Path, worst_prompts: int = 5) -> str:
         parts += [section(features) for section in
                   (_features_section, _fidelity_section, _clamp_section, _cards_section)]
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def _read_breakdown(run_dir: Path) -> pd.DataFrame | None:
+    path = Path(run_dir) / BREAKDOWN_FILE
+    return read_table(path, BREAKDOWN_COLUMNS) if path.is_file() else None
+
+
+def _breakdown_section(breakdown: pd.DataFrame | None) -> str:
+    """Per check with a `by:` breakdown, its value in each bucket, folded."""
+    if breakdown is None or breakdown.empty:
+        return ""
+    breakdown = breakdown.drop_duplicates(["check_id", "bucket"], keep="last")
+    parts = ["## Breakdowns",
+             "Per check with `by:`, its value in each bucket of token positions or data "
+             "source, with its 95% interval (plotted above)."]
+    for check_id, group in _groups(breakdown, "check_id"):
+        rows = [[str(r["bucket"]), format_value(r["value"]), format_ci(r["ci_low"], r["ci_high"]),
+                 format_value(r["n"])] for r in group.to_dict("records")]
+        headers = [str(group["by"].iloc[0]), "value", "95% CI", "n"]
+        parts.append(_fold(_feature_summary(check_id, group),
+                           _table(rows, headers, right=headers[1:])))
+    return "\n\n".join(parts)
 
 
 def write_report(run_dir: Path, worst_prompts: int = 5) -> Path:
@@ -907,7 +951,7 @@ def write_report(run_dir: Path, worst_prompts: int = 5) -> Path:
     PosixPath('reports/20261123-081530-ab12/report.md')
     """
     run_dir = Path(run_dir)
-    write_plots(run_dir, plan_plots(read_results(run_dir)))
+    write_plots(run_dir, plan_plots(read_results(run_dir), _read_breakdown(run_dir)))
     target = run_dir / REPORT_FILE
     atomic_write(target, render_report(run_dir, worst_prompts))
     return target

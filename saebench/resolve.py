@@ -25,6 +25,7 @@ import json
 import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from saebench.located import (  # noqa: F401  (re-exported: resolve.HubUnavailab
     suggest,
     where_of,
 )
-from saebench.suite import DataSpec, DictionarySpec, ModelSpec, TaskSpec
+from saebench.suite import DataSpec, DictionarySpec, ModelSpec, TaskSpec, source_name
 from saebench.zoo import paths
 from saebench.zoo.model import load_model
 from saebench.zoo.tokenizer import load_tokenizer
@@ -228,6 +229,25 @@ def _load_hf_checkpoint(directory: Path, kwargs: dict, device: str | torch.devic
 
 
 # ---------------------------------------------------------------------------- tokens
+
+def resolve_token_sources(spec: DataSpec, model: HookedTransformer, *,
+                          suite_path: Path | None = None) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """The token set (`resolve_tokens`) and the name of each row's source
+    (`saebench.suite.source_name`): with several sources, each is resolved with the data's
+    `n_tokens` and `context` and the rows are concatenated in order."""
+    if spec.kind != "sources":
+        tokens = resolve_tokens(spec, model, suite_path=suite_path)
+        return tokens, (source_name(spec),) * len(tokens)
+    parts = [resolve_tokens(replace(p, n_tokens=spec.n_tokens, context=spec.context), model,
+                            suite_path=suite_path) for p in spec.sources]
+    widths = sorted({p.shape[1] for p in parts})
+    if len(widths) > 1:
+        raise error_at(suite_path, spec.line, "data.source", f"the sources give rows of "
+                       f"{', '.join(map(str, widths))} tokens; set data.context")
+    names = tuple(source_name(p) for p, rows in zip(spec.sources, parts, strict=True)
+                  for _ in range(len(rows)))
+    return torch.cat(parts), names
+
 
 def resolve_tokens(spec: DataSpec, model: HookedTransformer, *,
                    suite_path: Path | None = None) -> torch.Tensor:

@@ -54,6 +54,7 @@ RESULTS_FILE = "results.csv"
 PER_PROMPT_FILE = "per_prompt.csv"
 FEATURES_FILE = "features.csv"
 LAYERS_FILE = "layers.csv"
+BREAKDOWN_FILE = "breakdown.csv"
 
 TERMS_DIR = "terms"
 
@@ -107,12 +108,20 @@ LAYER_COLUMNS: list[str] = [
     "ci_high",
 ]
 
+BREAKDOWN_COLUMNS: list[str] = [
+    "run_id", "suite", "check_id", "dictionary", "task", "metric", "by", "bucket", "value",
+    "ci_low", "ci_high", "n",
+]
+"""breakdown.csv: a check's value in each bucket of its `by:` breakdown (token positions
+`4-7`, or a data source)."""
+
 
 _COLUMNS_BY_FILE = {
     RESULTS_FILE: RESULT_COLUMNS,
     PER_PROMPT_FILE: PER_PROMPT_COLUMNS,
     FEATURES_FILE: FEATURE_COLUMNS,
     LAYERS_FILE: LAYER_COLUMNS,
+    BREAKDOWN_FILE: BREAKDOWN_COLUMNS,
 }
 _FLOAT_COLUMNS = frozenset(
     {"value", "ci_low", "ci_high", "duration_s", "mean_activation", "active_share", "effect",

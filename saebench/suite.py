@@ -19,6 +19,7 @@ model: zoo                    # "zoo" | a TransformerLens name (gpt2-small) | {p
                               #    from_pretrained_kwargs: {center_writing_weights: true}}
 data:                         # default: the zoo's held-out tokens
   source: zoo                 # zoo | {path: tokens.safetensors|.pt|.txt|.jsonl}
+                              # | a list of them (`by: source` breaks a check down by it)
                               # | {hf: NeelNanda/pile-10k, split: train, column: text}
   n_tokens: 32768             # default: all of them
   context: 128                # default: the model's n_ctx (zoo: its rows)
@@ -101,6 +102,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from saebench.options import (
     Option,
     boolean,
+    choice_option,
     integer,
     non_negative,
     number,
@@ -336,6 +338,9 @@ OPTIONS: dict[str, Option] = {
                               boolean, False),
     "features": Option("feature ids whose cards (contexts, logit lens) the report shows",
                        _feature_ids, (), in_id=None),
+    "by": choice_option("a breakdown, one more row per bucket: none, position (buckets of "
+                        "token position) or source (the data's sources)",
+                        "none", "position", "source", in_id="key"),
 }
 """The options every check takes; a metric's own options are in its `Metric.options`."""
 SPLICE_ONLY = ("positions", "error_term")
@@ -389,8 +394,9 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where tokens come from: `kind` "zoo" (held-out tokens), "path" (a token or text file)
-    or "hf" (a dataset `hf` with `split` and text `column`). `line` is that of `data:`."""
+    """Where tokens come from: `kind` "zoo" (held-out tokens), "path" (a token or text file),
+    "hf" (a dataset `hf` with `split` and text `column`) or "sources" (several of them, in
+    `sources`). `line` is that of `data:`."""
 
     kind: str = "zoo"
     path: str | None = None
@@ -401,6 +407,8 @@ class DataSpec:
     context: int | None = None
     seed: int = 0
     line: int = 0
+    sources: tuple[DataSpec, ...] = ()
+    """With `kind` "sources": the sources, concatenated in order (`n_tokens` per source)."""
 
 
 @dataclass(frozen=True)
@@ -668,7 +676,7 @@ class _Parser:
         dictionaries = self.dictionaries(top.items["dictionaries"][1])
         defaults, threshold = self.defaults(top.get("defaults"))
         checks = self.checks(top.items["checks"][1], name, dictionaries, tasks, defaults,
-                             threshold)
+                             threshold, max(len(data.sources), 1))
         return Suite(self.path, name, model, data, dictionaries, tasks, checks,
                      self.allow_factory)
 
@@ -703,24 +711,41 @@ class _Parser:
         seed = self.optional(spec.get("seed"), "data.seed", _seed) or 0
         common = dict(n_tokens=n_tokens, context=context, seed=seed, line=_line(key_node))
         source = spec.get("source")
+        if not isinstance(source, SequenceNode):
+            return self.source(source, "data.source", common)
+        items = self.sequence(source, "data.source")
+        if len(items) < 2:
+            self.fail(source, "data.source", "a list of sources needs at least two (or give "
+                                             "the one source itself)")
+        parts = tuple(self.source(item, f"data.source[{i}]", common)
+                      for i, item in enumerate(items))
+        names = [source_name(p) for p in parts]
+        if len(set(names)) < len(names):
+            self.fail(source, "data.source", f"two sources have the same name ({', '.join(names)}"
+                                             "); rename a file")
+        return DataSpec("sources", sources=parts, **common)
+
+    def source(self, source: Node | None, path: str, common: dict) -> DataSpec:
+        """One data source: zoo, {path: file} or {hf: dataset, ...}."""
         if source is None or (isinstance(source, ScalarNode) and source.tag != _NULL
-                              and self.value(source, "data.source") == "zoo"):
+                              and self.value(source, path) == "zoo"):
             return DataSpec("zoo", **common)
         form = "zoo, {path: tokens file} or {hf: dataset, split: train, column: text}"
         if not isinstance(source, MappingNode):
-            self.fail(source, "data.source", f"expected {form}, got {self.describe(source)}")
-        src = self.mapping(source, "data.source", SOURCE_KEYS)
+            self.fail(source, path, f"expected {form} (or a list of them), got "
+                                    f"{self.describe(source)}")
+        src = self.mapping(source, path, SOURCE_KEYS)
         if ("path" in src.items) == ("hf" in src.items):
-            self.fail(source, "data.source", f"give either path: or hf: ({form})")
+            self.fail(source, path, f"give either path: or hf: ({form})")
         if (path_node := src.get("path")) is not None:
             for key in ("split", "column"):
                 if key in src.items:
                     self.fail(src.items[key][0], src.sub(key), "only applies to hf: data")
-            text = self.string(path_node, "data.source.path")
+            text = self.string(path_node, f"{path}.path")
             if not text.endswith(TOKEN_SUFFIXES):
-                self.fail(path_node, "data.source.path",
+                self.fail(path_node, f"{path}.path",
                           f"expected a file ending in {', '.join(TOKEN_SUFFIXES)}, got {text!r}")
-            return DataSpec("path", self.local_path(path_node, "data.source.path", text, "file"),
+            return DataSpec("path", self.local_path(path_node, f"{path}.path", text, "file"),
                             **common)
         hf, split, column = (self.string(src.items[key][1], src.sub(key)) if key in src.items
                              else default for key, default in
@@ -985,7 +1010,7 @@ class _Parser:
 
     def checks(self, node: Node, suite: str, dictionaries: Mapping[str, DictionarySpec],
                tasks: Mapping[str, TaskSpec], defaults: dict, default_threshold: Threshold | None,
-               ) -> tuple[Check, ...]:
+               sources: int = 1) -> tuple[Check, ...]:
         from saebench.metrics.registry import METRICS, get_metric
 
         items = self.sequence(node, "checks")
@@ -1029,6 +1054,7 @@ class _Parser:
                               "dictionary's reconstruction of every position, without "
                               f"splicing, so {key} does not apply")
             options = {**{k: v for k, v in defaults.items() if k in table}, **own}
+            self.check_breakdown(metric, options, sources)
             if options.get("random_baseline", (False,))[0] \
                     and not get_metric(metric).random_baseline:
                 _, node, where = options["random_baseline"]
@@ -1076,6 +1102,23 @@ class _Parser:
                                  tuple(sorted(resolved.items())), threshold, expect,
                                  _line(item), path, tolerance, read))
         return tuple(out)
+
+    def check_breakdown(self, metric: str, options: dict[str, tuple[Any, Node, str]],
+                        sources: int) -> None:
+        """Refuse a `by:` breakdown the metric does not take, or `by: source` on data with
+        one source."""
+        from saebench.metrics.registry import get_metric
+
+        by, node, where = options.get("by", ("none", None, ""))
+        if by == "none":
+            return
+        takes = getattr(get_metric(metric), "breaks_down", ("position", "source"))
+        if by not in takes:
+            self.fail(node, where, f"{metric} has no breakdown by {by} (it takes: "
+                                   f"{', '.join(takes) or 'none'})")
+        if by == "source" and sources < 2:
+            self.fail(node, where, "by: source needs data with several sources (data.source: "
+                                   "a list)")
 
     def reads(self, item: Node, spec: _Map, metric: str, dictionaries: Mapping[str, DictionarySpec]
               ) -> list[str | None]:
@@ -1151,6 +1194,13 @@ class _Parser:
             edits.append(edit)
         values["edits"] = tuple(edits)
         return values
+
+
+def source_name(spec: DataSpec) -> str:
+    """How a data source is named in breakdowns: `zoo`, its file's name, or the dataset."""
+    if spec.kind == "path":
+        return Path(spec.path).name
+    return spec.hf if spec.kind == "hf" else spec.kind
 
 
 def check_id(members: tuple[str, ...], metric: str, task: str | None,

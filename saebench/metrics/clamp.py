@@ -210,4 +210,5 @@ CLAMP_EFFECT = register_metric(Metric(
     single=True,
     reads=True,
     tables=_pair_rows,
+    breakdowns=("source",),
 ))

@@ -127,7 +127,8 @@ def _terms(*names: str):
     return lambda o: ("ff_n", *names)
 
 
-COMMON = {"kind": "downstream", "count": "ff_n", "reads": True, "needs": _needs}
+COMMON = {"kind": "downstream", "count": "ff_n", "reads": True, "needs": _needs,
+          "breakdowns": ("source",)}
 
 FEATURE_FIDELITY = register_metric(Metric(
     name="feature_fidelity",

@@ -217,4 +217,5 @@ register_metric(Metric(
     bounds=(-math.inf, 1.0),
     options={"max_features": MAX_FEATURES},
     needs=_needs,
+    breakdowns=("source",),
 ))

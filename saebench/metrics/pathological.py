@@ -89,4 +89,5 @@ PATHOLOGICAL_ERROR = register_metric(Metric(
     needs=_needs,
     single=True,
     seeded=True,
+    breakdowns=("source",),
 ))

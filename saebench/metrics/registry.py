@@ -219,9 +219,10 @@ class Metric:
     `single` (needs a dictionary reading one hook and writing one; default: reconstruction
     metrics), `seeded` (its run draws random numbers from the check's seed),
     `random_baseline` (takes `random_baseline: true`: a ratio of spliced-pass terms),
-    `reads` (a check names, with `read:`, a dictionary it reads without splicing) and
-    `tables(context)` -> {file name: rows} (its side tables: per_prompt.csv, features.csv,
-    layers.csv).
+    `reads` (a check names, with `read:`, a dictionary it reads without splicing),
+    `breakdowns` (the `by:` breakdowns it takes; default: position and source on token
+    data, none on tasks) and `tables(context)` -> {file name: rows} (its side tables:
+    per_prompt.csv, features.csv, layers.csv).
     """
 
     name: str
@@ -245,6 +246,7 @@ class Metric:
     seeded: bool = False
     random_baseline: bool = False
     reads: bool = False
+    breakdowns: tuple[str, ...] | None = None
     tables: Callable[[TableContext], dict[str, list[dict]]] | None = None
 
     def __post_init__(self) -> None:
@@ -275,6 +277,13 @@ class Metric:
         checks that differ in them never share a run; `seed` for a seeded metric."""
         own = tuple(k for k, o in self.options.items() if o.shapes_run)
         return (*own, "seed") if self.seeded else own
+
+    @property
+    def breaks_down(self) -> tuple[str, ...]:
+        """The `by:` breakdowns the metric takes (`position`, `source`)."""
+        if self.breakdowns is not None:
+            return self.breakdowns
+        return () if self.kind == "task" else ("position", "source")
 
     def option(self, options: Options, name: str) -> Any:
         """The validated value of the metric's option `name` in `options` (or its default)."""
