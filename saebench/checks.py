@@ -514,8 +514,9 @@ class SuiteRun:
         return plan.token_request(name, dictionaries, wants, site, common)
 
     def extra_rows(self, check: Check) -> dict[str, list[dict[str, Any]]]:
-        """Prompt-, feature- and layer-level rows of a check, for `per_prompt.csv`,
-        `features.csv` and `layers.csv`: what its metric's `tables` make of its request."""
+        """Prompt-, feature-, layer- and bucket-level rows of a check, for `per_prompt.csv`,
+        `features.csv`, `layers.csv` and `breakdown.csv`: what its metric's `tables` make of
+        its request, the cards of the features they name, and its `by:` breakdown."""
         metric = get_metric(check.metric)
         terms = self._terms.get(self._request_key(check))
         if not terms or self.problem(check) is not None:

@@ -468,10 +468,10 @@ def run(
                     del spliced
                     if not request.reconstruction:
                         evaluated = mask
-                for probe in request.probes:
+                if request.probes:
                     view = _view(model, cache, batch, request, first_row, act_mask, mask,
                                  captured)
-                    logs[request.key].add(**probe.batch(view, 0))
+                    logs[request.key].add(**_probe_terms(request, view, 0))
                 if request.noise_draws:
                     logs[request.key].add(**_pathological_terms(
                         model, cache, batch, request, mask, record, clean, factors, first_row))
@@ -618,6 +618,21 @@ def _view(model, cache, batch, request: Request, first_row: int, act_mask, mask,
                      clean=cache, spliced=captured, rerun=rerun)
 
 
+def _probe_terms(request: Request, view: BatchView, sweep: int) -> dict[str, Tensor]:
+    """The terms of the request's probes still running at `sweep`; two probes may not
+    write one term."""
+    terms: dict[str, Tensor] = {}
+    for probe in request.probes:
+        if probe.sweeps > sweep:
+            out = probe.batch(view, sweep)
+            clash = set(out) & set(terms)
+            if clash:
+                raise ValueError(f"{request.key}: probes of one request both write the terms "
+                                 f"{', '.join(sorted(clash))}")
+            terms.update(out)
+    return terms
+
+
 def _later_sweeps(model, tokens, requests: Sequence[Request], options: EngineOptions,
                   clean_pass: Callable, logs: dict[str, _TermLog]) -> None:
     """The passes over the data after the first, for probes that ask for more (`sweeps`):
@@ -633,11 +648,9 @@ def _later_sweeps(model, tokens, requests: Sequence[Request], options: EngineOpt
                 for request in requests:
                     mask = act_mask & position_mask(request.positions, *batch.shape,
                                                     device=batch.device)
-                    for probe in request.probes:
-                        if probe.sweeps > sweep:
-                            view = _view(model, cache, batch, request, first_row, act_mask,
-                                         mask, {})
-                            logs[request.key].add(**probe.batch(view, sweep))
+                    if any(p.sweeps > sweep for p in request.probes):
+                        view = _view(model, cache, batch, request, first_row, act_mask, mask, {})
+                        logs[request.key].add(**_probe_terms(request, view, sweep))
                 first_row += len(batch)
         for request in requests:
             for probe in request.probes:

@@ -38,6 +38,7 @@ import torch
 
 from saebench import loading
 from saebench.checks import RunSettings, SuiteRun
+from saebench.metrics.registry import METRICS
 from saebench.suite import SuiteError, load_suite
 
 pytest_plugins = ["pytester"]
@@ -263,9 +264,21 @@ def _check(text: str) -> str:
     return _suite(checks=f"checks:\n  - {text}\n")
 
 
-def _options(options: str, metric: str = "ce_loss_recovered", threshold: str = ">= 0.5") -> str:
-    return _check(f'{{metric: {metric}, dictionaries: [good], options: {{{options}}}, '
-                  f'threshold: "{threshold}"}}')
+def _options(options: str, metric: str = "ce_loss_recovered", threshold: str = ">= 0.5",
+             task: str | None = None) -> str:
+    on_task = f"task: {task}, " if task else ""
+    return _suite(middle=f"tasks: {{{task}: {{zoo: ioi}}}}\n" if task else "",
+                  checks=f'checks:\n  - {{metric: {metric}, dictionaries: [good], {on_task}'
+                         f'options: {{{options}}}, threshold: "{threshold}"}}\n')
+
+
+def _owner(option: str) -> tuple[str, str | None]:
+    """A metric that takes `option` (ce_loss_recovered for the common ones), and the task
+    its check needs (a task metric's)."""
+    owner = next((m for m in METRICS.values() if option in m.options), None)
+    if owner is None:
+        return "ce_loss_recovered", None
+    return owner.name, "ok" if owner.kind == "task" else None
 
 
 BOMB = ("model:\n  name: gpt2-small\n  from_pretrained_kwargs:\n"
@@ -299,7 +312,7 @@ SUITE_ERRORS: dict[str, tuple[str, str, str, str]] = {
                                "data:", "data.source.split", r"only applies to hf"),
     "unknown defaults.options key": (_suite().replace("{n_boot: 50}", "{n_boots: 50}"),
                                      "defaults:", "defaults.options.n_boots",
-                                     r"unknown key \(did you mean 'n_boot'\?\)"),
+                                     r"unknown option 'n_boots' \(did you mean 'n_boot'\?\)"),
     "unknown edits key": (_options("edits: [{feature: [1]}]"), "edits", "checks[0].options.edits",
                           r"item 0 must be a mapping with features"),
     "allow_factory not a boolean": (_suite("allow_factory: yes please\n"), "allow_factory",
@@ -351,7 +364,7 @@ OPTION_ERRORS: dict[str, tuple[str, str, str]] = {
     "seed 1.5": ("seed: 1.5", "seed", r"must be an integer, got 1\.5"),
     "seed beyond 64 bits": ("seed: 100000000000000000000000", "seed",
                             r"100000000000000000000000"),
-    "ablation null": ("ablation: null", "ablation", r"zero or mean, got None"),
+    "ablation null": ("ablation: null", "ablation", r"one of zero, mean, got None"),
     "random_baseline a string": ("random_baseline: 'yes'", "random_baseline",
                                  r"true or false, got 'yes'"),
 }
@@ -445,7 +458,8 @@ def _collection_files(root: Path) -> dict[str, tuple[str, int, str, str]]:
     for name, (text, fragment, field, message) in SUITE_ERRORS.items():
         cases[name] = (text, line_of(text, fragment), field, message)
     for name, (option, field, message) in OPTION_ERRORS.items():
-        text = _options(option)
+        metric, task = _owner(field)
+        text = _options(option, metric=metric, task=task)
         cases[name] = (text, line_of(text, "- {metric"), f"checks[0].options.{field}", message)
     for name, (metric, threshold, message) in THRESHOLD_ERRORS.items():
         text = _check(f'{{metric: {metric}, dictionaries: [good], threshold: "{threshold}"}}')
@@ -588,7 +602,7 @@ CHECK_ERRORS: dict[str, tuple[str, str, str, str]] = {
                                 r"features \[5000\] of 'good' are outside 0\.\.1023"),
     "good::k-5000": ("metric: feature_ablation, dictionaries: [good], task: ok, "
                      "options: {k: 5000}", "options.k", "error",
-                     r"k=5000 is more than the dictionary's 1024 features"),
+                     r"k=5000 is more than the dictionary's d_sae 1024"),
     "good::position-500": ("metric: ce_loss_recovered, dictionaries: [good], "
                            "options: {positions: 500}", "options.positions", "error",
                            r"positions \[500\] are out of range for sequences of length 128"),

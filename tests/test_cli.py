@@ -65,7 +65,7 @@ def test_run_passes_pytest_options_and_exit_codes_through(tmp_path):
 def test_the_packaged_toy_suite_runs_by_name_from_an_empty_directory(tmp_path):
     """`saebench run toy` needs no checkout: the suite ships in the package (the wheel test
     below shows it is packaged, not read from the source tree)."""
-    ran = saebench_cmd("run", "toy", "-k", "resid-L2-topk16 and l0", "-p", "no:cacheprovider",
+    ran = saebench_cmd("run", "toy", "-k", "resid-L2-topk16 and l0 and not drift", "-p", "no:cacheprovider",
                        "--saebench-tokens", "2048", cwd=tmp_path)
     assert ran.returncode == 0, ran.stdout[-2000:]
     assert "1 passed" in ran.stdout
@@ -78,7 +78,7 @@ def test_the_packaged_toy_suite_runs_by_name_from_an_empty_directory(tmp_path):
     collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", "--suite", "toy",
                                 "--collect-only", "-q", "-p", "no:cacheprovider"],
                                capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert "284 tests collected" in collected.stdout, collected.stdout[-2000:]
+    assert "302 tests collected" in collected.stdout, collected.stdout[-2000:]
 
 
 def test_the_wheel_ships_the_toy_suite_and_the_zoo(tmp_path):

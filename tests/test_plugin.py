@@ -202,10 +202,13 @@ def test_task_checks_write_prompt_and_feature_rows(pytester):
     assert all(q.startswith("ld_") for q in prompts["quantity"])
     assert prompts["prompt_index"].nunique() == 300
     features = pd.read_csv(run_dir / "features.csv")
-    assert len(features) == 2 and set(features["check_id"]) == {
-        "good::feature_ablation[quote,k=2]"}
+    assert set(features["check_id"]) == {"good::feature_ablation[quote,k=2]"}
+    ablated = features[features["table"] == "ablation"]
+    cards = features[features["table"] == "card"]
+    assert len(ablated) == 2 and set(cards["feature"]) <= set(ablated["feature"])
     report = (run_dir / "report.md").read_text()
     assert "## Worst prompts" in report and "## Feature ablations" in report
+    assert ("## Feature cards" in report) == (len(cards) > 0)
 
 
 def test_an_existing_report_dir_given_space_separated_is_not_taken_for_a_path(

@@ -121,4 +121,5 @@ def test_dictionary_loads_and_error_term_gives_clean_logits(zoo_model, name):
 
     clean = zoo_model(tokens)
     spliced = zoo_model.run_with_hooks(tokens, fwd_hooks=[(write, with_error)])
-    torch.testing.assert_close(spliced, clean, atol=1e-5, rtol=0)
+    # recon + (act − recon) is act up to one rounding per element: ~1e-5 in the logits
+    torch.testing.assert_close(spliced, clean, atol=1e-4, rtol=0)
