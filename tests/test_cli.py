@@ -65,8 +65,8 @@ def test_run_passes_pytest_options_and_exit_codes_through(tmp_path):
 def test_the_packaged_toy_suite_runs_by_name_from_an_empty_directory(tmp_path):
     """`saebench run toy` needs no checkout: the suite ships in the package (the wheel test
     below shows it is packaged, not read from the source tree)."""
-    ran = saebench_cmd("run", "toy", "-k", "resid-L2-topk16 and l0 and not drift", "-p", "no:cacheprovider",
-                       "--saebench-tokens", "2048", cwd=tmp_path)
+    ran = saebench_cmd("run", "toy", "-k", "resid-L2-topk16 and l0 and not drift", "-p",
+                       "no:cacheprovider", "--saebench-tokens", "2048", cwd=tmp_path)
     assert ran.returncode == 0, ran.stdout[-2000:]
     assert "1 passed" in ran.stdout
     (run_dir,) = (tmp_path / "reports").iterdir()

@@ -859,7 +859,7 @@ def test_group_key_ignores_options_equal_to_their_default(tmp_path):
 
 
 def test_options_table_defaults_are_valid():
-    for name, option in OPTIONS.items():
+    for option in OPTIONS.values():
         if option.default is not None:
             value = [] if isinstance(option.default, tuple) else option.default
             assert option.parse(value) == option.default
