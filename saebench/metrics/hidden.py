@@ -6,8 +6,9 @@ is the share of variance of the MLP's pre-activations h = `blocks.L.mlp.hook_pre
 best affine map from the feature activations z(x) explains, on sequences it was not fitted on:
 
 - sweep 0 counts how often each feature is active on the fitting half (sequences of even
-  index in the run's tokens); the live ones, at most `max_features` of the most frequent,
-  are the regressors;
+  index in the run's tokens); those active on at least `min_active` (5) fitting positions,
+  at most `max_features` of the most frequent, are the regressors (a feature seen twice
+  gets an arbitrary coefficient that one scoring sequence can make dominate the error);
 - sweep 1 accumulates G = [z, 1]ᵀ[z, 1] and C = [z, 1]ᵀh over the fitting half's evaluated
   positions (float64, on the activations' device) and solves for the map (`affine_fit`);
 - sweep 2 gives per-sequence terms of the scoring half (odd index; zero rows for the others):
@@ -48,6 +49,9 @@ from saebench.splice import Dictionary, hook_layer
 NAME = "transcoder_hidden_fidelity"
 MAX_FEATURES = Option("at most this many live features, the most often active on the fitting "
                       "half, are the regressors", positive_int, 4096, shapes_run=True)
+MIN_ACTIVE = Option("a feature is a regressor only if active on at least this many fitting "
+                    "positions (a rarer one gets an arbitrary coefficient)", positive_int, 5,
+                    shapes_run=True)
 EIG_RTOL = 1e-12
 """`affine_fit` drops directions whose variance is below this share of the largest (singular
 values of the centred features below 1e-6 of the largest): rounding noise in float64 sums."""
@@ -96,11 +100,12 @@ class HiddenProbe(Probe):
     sweeps = 3
     spliced_hooks = ()
 
-    def __init__(self, dictionary: Dictionary, pre_hook: str, limit: int) -> None:
+    def __init__(self, dictionary: Dictionary, pre_hook: str, limit: int,
+                 min_active: int = 1) -> None:
         self.dictionary = dictionary
         self.pre_hook = pre_hook
-        self.limit = limit
-        self.key = (NAME, dictionary.name, limit)
+        self.limit, self.min_active = limit, min_active
+        self.key = (NAME, dictionary.name, limit, min_active)
         self.clean_hooks = (dictionary.read_hook, pre_hook)
         self.counts = self.gram = self.cross = None
         self.live = self.coef = self.bias = None
@@ -147,7 +152,8 @@ class HiddenProbe(Probe):
         if sweep == 0:
             counts, self.counts = self.counts, None
             order = torch.argsort(counts, descending=True, stable=True)
-            self.live = order[:self.limit][counts[order[:self.limit]] > 0].sort().values
+            top = order[:self.limit]
+            self.live = top[counts[top] >= self.min_active].sort().values
             if not len(self.live):
                 warnings.warn(f"{NAME}: no feature of {self.dictionary.name!r} is active on the "
                               "fitting half of the sequences, so there is no value",
@@ -174,7 +180,8 @@ def _needs(options: Options, site: Site) -> Needs:
     if site.model is None or pre_hook not in site.model.hook_dict:
         raise ValueError(f"{NAME}: the model has no hook {pre_hook!r} (the MLP pre-activations "
                          f"of the layer that {d.name!r} writes, {d.write_hook})")
-    return Needs(probes=(HiddenProbe(d, pre_hook, max_features(options)),))
+    return Needs(probes=(HiddenProbe(d, pre_hook, max_features(options),
+                                     MIN_ACTIVE.value(options, "min_active")),))
 
 
 def _terms(options: Options) -> tuple[str, ...]:
@@ -206,8 +213,9 @@ register_metric(Metric(
                 "hook_pre) explained by the best affine map from its feature activations, "
                 "fitted by least squares on the even-indexed sequences and scored on the odd "
                 "ones: how much of the MLP's hidden computation the features carry, not just "
-                "its output. Regressors: the live features, at most `max_features` (default "
-                "4096) of the most frequent; NaN when none is live.",
+                "its output. Regressors: the features active on at least `min_active` (5) "
+                "fitting positions, at most `max_features` (4096) of the most frequent; NaN "
+                "when there is none.",
     kind="reconstruction",
     denominator=lambda s, o: _variance(s) / s["hidden_n"],
     denominator_name="centred variance of the MLP pre-activations per scoring position",
@@ -215,7 +223,7 @@ register_metric(Metric(
                            "explained_variance_uncentred": _explained(s, s["hidden_sq"])},
     count="hidden_n",
     bounds=(-math.inf, 1.0),
-    options={"max_features": MAX_FEATURES},
+    options={"max_features": MAX_FEATURES, "min_active": MIN_ACTIVE},
     needs=_needs,
     breakdowns=("source",),
 ))

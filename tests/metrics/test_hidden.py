@@ -39,9 +39,9 @@ def evaluate(model, dictionary, tokens, **kwargs):
     return frame.iloc[0]
 
 
-def brute_force_ev(model, dictionary, tokens, max_features: int) -> float:
-    """Fit h ≈ [z, 1] β by lstsq on the even sequences' live features (the most frequent
-    `max_features`), and score 1 − Σ‖h − ĥ‖² / Σ‖h − h̄‖² on the odd sequences."""
+def brute_force_ev(model, dictionary, tokens, max_features: int, min_active: int = 5) -> float:
+    """Fit h ≈ [z, 1] β by lstsq on the even sequences' features active on at least
+    `min_active` of their positions (the most frequent `max_features`), and score 1 − Σ‖h − ĥ‖² / Σ‖h − h̄‖² on the odd sequences."""
     pre = f"blocks.{dictionary.write_hook.split('.')[1]}.mlp.hook_pre"
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[dictionary.read_hook, pre])
@@ -52,7 +52,7 @@ def brute_force_ev(model, dictionary, tokens, max_features: int) -> float:
     z_fit, h_fit = z[fit][evaluated[fit]], h[fit][evaluated[fit]]
     counts = (z_fit != 0).sum(0)
     top = torch.argsort(counts, descending=True, stable=True)[:max_features]
-    live = top[counts[top] > 0]
+    live = top[counts[top] >= min_active]
 
     def design(feats):
         return torch.cat([feats[:, live], feats.new_ones(len(feats), 1)], dim=1)
@@ -91,11 +91,12 @@ def mlp_transcoder(module, model, layer: int):
                          d_sae=model.cfg.d_mlp)
 
 
-@pytest.mark.parametrize("max_features", [64, 128])
-def test_matches_brute_force_lstsq(zoo_model, transcoder, tokens, max_features,
+@pytest.mark.parametrize("max_features,min_active", [(64, 5), (128, 5), (128, 1)])
+def test_matches_brute_force_lstsq(zoo_model, transcoder, tokens, max_features, min_active,
                                    no_grad_one_thread):
-    row = evaluate(zoo_model, transcoder, tokens, options={"max_features": max_features})
-    expected = brute_force_ev(zoo_model, transcoder, tokens, max_features)
+    row = evaluate(zoo_model, transcoder, tokens,
+                   options={"max_features": max_features, "min_active": min_active})
+    expected = brute_force_ev(zoo_model, transcoder, tokens, max_features, min_active)
     assert row.verdict == "ok", row.message
     assert row.value == pytest.approx(expected, abs=1e-6)
     assert row.ci_low <= row.value <= row.ci_high
