@@ -58,9 +58,11 @@ class Option:
 
     def value(self, options: dict[str, Any], name: str) -> Any:
         """The validated value of option `name` in `options`, or the default."""
+        if name not in options and self.default is None:
+            return None
         value = options.get(name, self.default)
         try:
-            return self.parse(value) if value is not None else None
+            return self.parse(value)
         except ValueError as err:
             raise ValueError(f"option {name}: {err} ({self.help})") from None
 
