@@ -41,7 +41,8 @@ def evaluate(model, dictionary, tokens, **kwargs):
 
 def brute_force_ev(model, dictionary, tokens, max_features: int, min_active: int = 5) -> float:
     """Fit h ≈ [z, 1] β by lstsq on the even sequences' features active on at least
-    `min_active` of their positions (the most frequent `max_features`), and score 1 − Σ‖h − ĥ‖² / Σ‖h − h̄‖² on the odd sequences."""
+    `min_active` of their positions (the most frequent `max_features`), and score
+    1 − Σ‖h − ĥ‖² / Σ‖h − h̄‖² on the odd sequences."""
     pre = f"blocks.{dictionary.write_hook.split('.')[1]}.mlp.hook_pre"
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[dictionary.read_hook, pre])
