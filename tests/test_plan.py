@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 from torch import Tensor
+from toys import Identity, tiny_model
 
 from saebench import evaluate, loading, plan
 from saebench.checks import RunSettings, SuiteRun
@@ -25,7 +26,6 @@ from saebench.metrics.registry import (
 from saebench.options import Option, positive_int
 from saebench.splice import as_dictionary
 from saebench.suite import load_suite, option_table
-from tests.toys import Identity, tiny_model
 
 MODEL = tiny_model(n_layers=2)
 D = MODEL.cfg.d_model

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toys import Identity
 
 from saebench import engine, evaluate, loading
 from saebench.splice import as_dictionary
-from tests.toys import Identity
 
 N_SEQ = 12
 
