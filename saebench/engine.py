@@ -639,6 +639,9 @@ def _later_sweeps(model, tokens, requests: Sequence[Request], options: EngineOpt
     each sees the clean activations and may rerun the spliced pass; `end_sweep` follows
     every pass."""
     sweeps = max((p.sweeps for r in requests for p in r.probes), default=1)
+    if sweeps > 1 and not isinstance(tokens, Tensor | Sequence):
+        raise ValueError(f"a probe needs {sweeps} passes over the tokens: give a tensor or a "
+                         "list of batches, not a one-shot iterator")
     for sweep in range(sweeps):
         if sweep:
             first_row = 0
