@@ -181,6 +181,10 @@ class SuiteRun:
         self._terms: dict[tuple, dict[str, torch.Tensor]] = {}
         self._task_rows: dict[tuple, tuple[list[dict], list[dict]]] = {}
         self._probes: dict[tuple, dict] = {}
+        self._cards_made: dict[tuple[str, int], dict | None] = {}
+        """Cards made so far by (dictionary, feature), None for a feature that never fires:
+        a card depends only on the model, the tokens and the dictionary, so checks (and
+        `fresh` runs) naming the same feature share one pass."""
         self._compute_s: dict[str, float] = {}
         self._memo = engine.RunMemo()
 
@@ -581,9 +585,15 @@ class SuiteRun:
             parts = self._parts((name,))
             if len(parts) != 1 or not parts[0].single or not parts[0].has_features:
                 continue
-            cards += [{"dictionary": name, **card} for card in feature_cards(
-                self.model, self.tokens, parts[0], sorted(set(features)),
-                batch_size=_options(check)["batch_size"])]
+            ids = sorted(set(features))
+            missing = [f for f in ids if (name, f) not in self._cards_made]
+            if missing:
+                made = {card["feature"]: card for card in feature_cards(
+                    self.model, self.tokens, parts[0], missing,
+                    batch_size=_options(check)["batch_size"])}
+                self._cards_made.update({(name, f): made.get(f) for f in missing})
+            cards += [{"dictionary": name, **self._cards_made[(name, f)]} for f in ids
+                      if self._cards_made[(name, f)] is not None]
         return cards
 
     # -- rows ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ The output is, per request, a dict of per-sequence sums (the term contract of
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import operator
@@ -41,6 +42,7 @@ from saebench.splice import (
     ablation_hooks,
     hook_layer,
     position_mask,
+    reached_positions,
     splice_hooks,
 )
 
@@ -521,27 +523,26 @@ class _Clean:
 
     def __init__(self, logits: torch.Tensor, batch: torch.Tensor, act_mask: torch.Tensor):
         self.batch = batch
-        self.act_mask = act_mask
-        self.pred_mask = act_mask[:, :-1]
         self.log_p = tok_metrics.log_probs(logits)
         self.top1 = self.log_p.argmax(-1)
+        self.nll = tok_metrics.next_token_nll(self.log_p, batch)
+        self._count(act_mask)
+
+    def _count(self, act_mask: Tensor) -> None:
+        """Count the positions of `act_mask` [b, t]: the masks and the clean CE sums."""
+        self.act_mask = act_mask
+        self.pred_mask = act_mask[:, :-1]
         self.shared = {
-            "ce_clean": tok_metrics.sequence_sums(
-                tok_metrics.next_token_nll(self.log_p, batch), self.pred_mask),
+            "ce_clean": tok_metrics.sequence_sums(self.nll, self.pred_mask),
             "n_pred": self.pred_mask.sum(-1),
             "n_kl": act_mask.sum(-1),
         }
 
     def restricted(self, within: Tensor) -> _Clean:
-        """The same log-probs, counting only the positions `within` [b, t] (a bucket)."""
-        part = object.__new__(_Clean)
-        part.batch, part.log_p, part.top1 = self.batch, self.log_p, self.top1
-        part.act_mask = self.act_mask & within
-        part.pred_mask = part.act_mask[:, :-1]
-        part.shared = {
-            "ce_clean": tok_metrics.sequence_sums(
-                tok_metrics.next_token_nll(self.log_p, self.batch), part.pred_mask),
-            "n_pred": part.pred_mask.sum(-1), "n_kl": part.act_mask.sum(-1)}
+        """The same log-probs and per-token clean CE, counting only the positions `within`
+        [b, t] (a bucket of positions)."""
+        part = copy.copy(self)
+        part._count(self.act_mask & within)
         return part
 
     def terms_against(self, logits: torch.Tensor, label: str) -> dict[str, torch.Tensor]:
@@ -559,7 +560,7 @@ class _Clean:
     def spliced_counts(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The guard terms: per sequence, the counted CE and KL positions at or after a
         spliced position (`mask`), the only ones whose prediction the splice can change."""
-        reached = mask.int().cummax(dim=1).values.bool()
+        reached = reached_positions(mask)
         return {"n_pred_spliced": (self.pred_mask & reached[:, :-1]).sum(-1),
                 "n_kl_spliced": (self.act_mask & reached).sum(-1)}
 
@@ -615,7 +616,8 @@ def _view(model, cache, batch, request: Request, first_row: int, act_mask, mask,
         return store
 
     return BatchView(tokens=batch, first_row=first_row, act_mask=act_mask, splice_mask=mask,
-                     clean=cache, spliced=captured, rerun=rerun)
+                     reached=act_mask & reached_positions(mask), clean=cache,
+                     spliced=captured, rerun=rerun)
 
 
 def _probe_terms(request: Request, view: BatchView, sweep: int) -> dict[str, Tensor]:

@@ -460,6 +460,12 @@ def _broadcast_mask(mask: Tensor, act: Tensor, hook: str) -> Tensor:
     return mask.to(act.device).reshape(*mask.shape, *([1] * (act.dim() - 2)))
 
 
+def reached_positions(mask: Tensor) -> Tensor:
+    """[b, t]: the positions at or after the first True of `mask` [b, t] in each row, the
+    only ones a splice at `mask` can change."""
+    return mask.int().cummax(dim=1).values.bool()
+
+
 def position_mask(
     positions: int | Sequence[int] | Tensor | None,
     batch: int,

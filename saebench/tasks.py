@@ -49,6 +49,7 @@ from saebench.splice import (
     ablation_hooks,
     as_dictionary,
     hook_layer,
+    reached_positions,
     splice_hooks,
 )
 
@@ -419,7 +420,7 @@ def _request_terms(runner: _Runner, request: TaskRequest, ld_clean: Tensor,
 
     def check(batch: PromptBatch, record: dict) -> None:
         mask = batch.splice_mask(request.positions)
-        reached = mask.int().cummax(dim=1).values.bool()
+        reached = reached_positions(mask)
         for name, values in {"n_prompts_spliced": batch.at_answer(reached).double(),
                              **health_terms(record, mask)}.items():
             guards.setdefault(name, torch.zeros(runner.n, dtype=torch.float64))

@@ -133,7 +133,7 @@ class ClampProbe(Probe):
 
     def _clamp(self, view: BatchView) -> dict[str, Tensor]:
         hook = self.read.read_hook
-        keep = (view.act_mask & view.splice_mask.int().cummax(dim=1).values.bool()).double()
+        keep = view.reached.double()
         rows = torch.arange(len(keep), device=keep.device) + view.first_row
         keep = keep * (rows < self.sequences)[:, None]
         expect = keep.new_tensor([p[4] for p in self.pairs])

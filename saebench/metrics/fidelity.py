@@ -61,7 +61,7 @@ class FidelityProbe(Probe):
 
     def batch(self, view: BatchView, sweep: int) -> Mapping[str, Tensor]:
         hook = self.read.read_hook
-        keep = view.act_mask & view.splice_mask.int().cummax(dim=1).values.bool()
+        keep = view.reached
         x = self.read.encode(view.clean[hook]).double()
         y = self.read.encode(view.spliced[hook]).double()
         w = keep.to(x.dtype)[..., None]

@@ -44,6 +44,7 @@ activations it asked for.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,22 +84,24 @@ class BatchView:
 
     `tokens` [b, t]; `first_row` the index of its first sequence in the run's tokens;
     `act_mask` the evaluated positions (input token not special); `splice_mask` those the
-    request splices; `clean` / `spliced`: activations at the probe's `clean_hooks` in the
-    clean pass and at its `spliced_hooks` in the request's spliced pass (the first sweep
-    only); `rerun(edits, hooks)`: the activations at `hooks` of one more spliced pass with
-    the feature `edits` (`saebench.splice.FeatureEdit`) applied.
+    request splices; `reached` the evaluated positions at or after a spliced one (the only
+    ones the splice can change); `clean` / `spliced`: activations at the probe's
+    `clean_hooks` in the clean pass and at its `spliced_hooks` in the request's spliced pass
+    (the first sweep only); `rerun(edits, hooks)`: the activations at `hooks` of one more
+    spliced pass with the feature `edits` (`saebench.splice.FeatureEdit`) applied.
     """
 
     tokens: Tensor
     first_row: int
     act_mask: Tensor
     splice_mask: Tensor
+    reached: Tensor
     clean: Mapping[str, Tensor]
     spliced: Mapping[str, Tensor]
     rerun: Callable[[tuple, tuple[str, ...]], dict[str, Tensor]]
 
 
-class Probe:
+class Probe(ABC):
     """A metric's own computation inside an engine run: told each batch (`batch`), it
     returns per-sequence terms [b, ...] (float64 sums) for the request's term log.
 
@@ -113,10 +116,11 @@ class Probe:
     clean_hooks: tuple[str, ...] = ()
     spliced_hooks: tuple[str, ...] = ()
 
+    @abstractmethod
     def batch(self, view: BatchView, sweep: int) -> Mapping[str, Tensor]:
-        raise NotImplementedError
+        """The per-sequence terms of this batch in pass `sweep` ({} when it adds none)."""
 
-    def end_sweep(self, sweep: int) -> None:
+    def end_sweep(self, sweep: int) -> None:  # noqa: B027 -- optional: one-pass probes need none
         """Called after pass `sweep` over the data (choose features, fix a maximum)."""
 
 
