@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 
-from saebench import engine, plan, results
+from saebench import chunks, engine, plan, results
 from saebench.metrics.registry import METRICS, Metric, Site, get_metric
 from saebench.splice import Dictionary, FeatureEdit, as_dictionary
 from saebench.stats import summarize
@@ -128,6 +128,8 @@ def evaluate(
     stack: bool | None = None,
     options: Mapping[str, Any] | None = None,
     read: Any = None,
+    max_memory: int | str | None = None,
+    chunk_positions: int | None = None,
 ) -> pd.DataFrame:
     """Evaluate dictionaries spliced into `model` on `tokens` [n_sequences, seq_len].
 
@@ -146,8 +148,14 @@ def evaluate(
     along the batch where memory allows (values then agree to float rounding, ~1e-7); by
     default on CUDA only (on a CPU it pays off only for small batches:
     benchmarks/sweep_stacking.py).
+    `max_memory` (bytes, or a size such as "512MiB", "2GB"; default 1 GiB) bounds the
+    logits-sized tensors of one chunk of positions sent through the unembedding, and
+    `chunk_positions` sets the positions per chunk instead (`saebench.chunks`); results
+    agree to float rounding whatever the chunk.
     Returns a DataFrame of result rows.
     """
+    max_memory = chunks.parse_size(max_memory)  # bad sizes are refused before any work
+    chunks.check_positions(chunk_positions)
     metric_objs = [get_metric(m) for m in metrics]
     task_metrics = [m.name for m in metric_objs if m.kind == "task"]
     if task_metrics:
@@ -200,7 +208,8 @@ def evaluate(
         batch_size=batch_size, device=device, dtype=torch_dtype,
         exclude_special_tokens=bool(exclude_special_tokens),
         special_token_ids=_special_ids(exclude_special_tokens), progress=progress,
-        stack_bytes=_stack_bytes(stack, device))
+        stack_bytes=_stack_bytes(stack, device), max_memory=max_memory,
+        chunk_positions=chunk_positions)
     terms = engine.run(model, tokens, requests, engine_options) if requests else {}
     base = {**provenance(model, tokens, seed), "model_hash": model_hash(model)}
     rows = []

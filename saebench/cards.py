@@ -23,9 +23,14 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from saebench.chunks import spans
 from saebench.engine import special_token_ids as model_special_token_ids
 from saebench.splice import Dictionary, hook_layer
 from saebench.tasks import write_out
+
+_LENS_SLICE_BYTES = 1 << 26
+"""The logit lens widens W_U to float64 in vocabulary slices of at most this many bytes
+(the whole of a 256k-token W_U in float64 would be gigabytes)."""
 
 
 def _stop_layer(model: HookedTransformer, hooks: Sequence[str]) -> int | None:
@@ -92,7 +97,11 @@ def _logit_lens(model: HookedTransformer, tokens: Tensor, dictionary: Dictionary
         direction = write_out(model, dictionary.write_hook, recon[:-1] - recon[-1:])
     except ValueError:
         return [([], [])] * len(features)
-    logits = direction.double() @ model.W_U.double()
+    w_u, direction = model.W_U, direction.double()
+    logits = direction.new_empty(len(direction), w_u.shape[1])
+    step = max(1, _LENS_SLICE_BYTES // (8 * w_u.shape[0]))
+    for start, stop in spans(w_u.shape[1], step):  # W_U widened a slice at a time
+        logits[:, start:stop] = direction @ w_u[:, start:stop].double()
     lens_k = min(lens_k, logits.shape[-1])
     lens = []
     for row in logits:

@@ -62,12 +62,17 @@ MESSAGE_LIMIT = 600
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Run-wide settings (the plugin's `--saebench-*` options)."""
+    """Run-wide settings (the plugin's `--saebench-*` options). `max_memory` (bytes) and
+    `chunk_positions` size the chunks of positions sent through the unembedding
+    (`engine.EngineOptions`); they change no result beyond float rounding, so they are not
+    in a check's fingerprint."""
 
     device: str | None = None
     dtype: str | None = None
     n_tokens: int | None = None
     seed: int | None = None
+    max_memory: int | None = None
+    chunk_positions: int | None = None
 
 
 Status = Callable[[str], None]
@@ -451,7 +456,9 @@ class SuiteRun:
             # no stacking: a check's row must not depend, even in its last bits, on which
             # other dictionaries' checks were computed with it
             options = engine.EngineOptions(batch_size=batch_size, progress=False, stack_bytes=0,
-                                           on_batch=_batch_status(status, what))
+                                           on_batch=_batch_status(status, what),
+                                           max_memory=self.settings.max_memory,
+                                           chunk_positions=self.settings.chunk_positions)
             self._run_isolated(task, options, groups)
         for check in pending:
             self._compute_s[check.id] = (time.perf_counter() - started) / len(pending)

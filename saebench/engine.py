@@ -7,6 +7,14 @@ cached residual stream (`start_at_layer`), and a run that needs no logits stops 
 (`stop_at_layer`). Ablating a whole residual stream at every position makes everything
 after it independent of the tokens, so that pass is run once for one row and reused.
 
+No pass materialises logits for the whole batch: every pass stops at the final residual
+stream (`stop_at_layer=n_layers`, then the final norm), which is cheap to keep, and the
+batch's clean and variant residuals then go through the unembedding together, a chunk of
+positions at a time (`saebench.chunks`: `EngineOptions.max_memory` or `chunk_positions`):
+the clean chunk's log-probs are computed once for all variants, and each variant's
+per-token CE, KL and top-1 agreement against them (`_Unembedding`). Logits are upcast to
+float32 at least before `log_softmax`, and every sum over positions is float64.
+
 A request with `noise_draws > 0` also gets, per random baseline and draw, one pass
 with the write-hook activation moved by a random ε of the spliced error's norm at each
 spliced position (`pathological_error`, Gurnee 2024); the covariance-aware baseline needs
@@ -26,14 +34,16 @@ import functools
 import hashlib
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from saebench import chunks
 from saebench.metrics import tokens as tok_metrics
 from saebench.metrics.registry import HEALTH_TERMS, NOISE_TERMS, BatchView, Probe
 from saebench.splice import (
@@ -48,6 +58,8 @@ from saebench.splice import (
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 ABLATIONS = ("zero", "mean")
+FINAL_NORM = "ln_final."
+"""The prefix of the hooks of the final norm: they fire after the blocks, in `final_norm`."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +142,9 @@ class RunMemo:
     """What engine runs over the same tokens share, so that runs done one dictionary at a
     time (the plugin's streaming) compute it once: activation means and covariances by
     ("mean" | "cov", hook), and, when `hooks` is given, every batch's clean pass (the
-    activations at `hooks` and the clean log-probs), held in memory. A run whose hooks are
-    not all among `hooks` makes its own clean pass. Size it with `clean_pass_bytes`."""
+    activations at `hooks` and the final-normed residual), held in memory. A run whose
+    hooks are not all among `hooks` makes its own clean pass. Size it with
+    `clean_pass_bytes`."""
 
     hooks: frozenset[str] = frozenset()
     moments: dict[tuple[str, str], Tensor] = field(default_factory=dict)
@@ -164,10 +177,10 @@ def _prefixed(prefix: str, terms: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def clean_pass_bytes(model: HookedTransformer, n_tokens: int, widths: Iterable[int]) -> int:
     """Memory that `RunMemo` needs to keep the clean passes of `n_tokens` tokens with hooks
-    of these widths: activations in the model's dtype, log-probs in float32 or wider."""
+    of these widths: activations and the final-normed residual, in the model's dtype."""
     dtype = next(model.parameters()).dtype
     act = torch.finfo(dtype).bits // 8
-    return n_tokens * (sum(widths) * act + model.cfg.d_vocab * max(act, 4))
+    return n_tokens * (sum(widths) + model.cfg.d_model) * act
 
 
 def _start_layer(hooks: Iterable[str]) -> int | None:
@@ -178,10 +191,59 @@ def _start_layer(hooks: Iterable[str]) -> int | None:
 
 
 def _suffix_pass(model, cache, batch, layer: int | None, fwd_hooks, rows: int | None = None):
-    """Logits of a pass with `fwd_hooks`, started at `layer` from the cached residual
-    (from the tokens when `layer` is None), over the first `rows` rows (all by default)."""
+    """The final-normed residual [rows, t, d_model] of a pass with `fwd_hooks`, started at
+    `layer` from the cached residual (from the tokens when `layer` is None), over the first
+    `rows` rows (all by default); `unembed` turns it into logits."""
     inputs = batch if layer is None else cache[f"blocks.{layer}.hook_resid_pre"]
-    return model.run_with_hooks(inputs[:rows], start_at_layer=layer, fwd_hooks=fwd_hooks)
+    resid = model.run_with_hooks(inputs[:rows], start_at_layer=layer,
+                                 stop_at_layer=model.cfg.n_layers, fwd_hooks=fwd_hooks)
+    return final_norm(model, resid, fwd_hooks)
+
+
+def final_norm(model: HookedTransformer, resid: Tensor, fwd_hooks: Sequence = ()) -> Tensor:
+    """The final residual stream [..., d_model] through the model's final norm (`ln_final`;
+    none without one): what the unembedding reads.
+
+    Passes stop after the last block (`stop_at_layer`) so that no logits are made for a
+    whole batch; the hooks of `fwd_hooks` at `ln_final.*` fire here instead, so that a
+    dictionary spliced there, or an activation cached there (the final-LN scale), still
+    sees the norm.
+    """
+    if model.cfg.normalization_type is None:
+        return resid
+    post = [(name, fn) for name, fn in fwd_hooks
+            if isinstance(name, str) and name.startswith(FINAL_NORM)]
+    if not post:
+        return model.ln_final(resid)
+    with model.hooks(fwd_hooks=post):
+        return model.ln_final(resid)
+
+
+def unembed(model: HookedTransformer, x: Tensor) -> Tensor:
+    """Logits [..., d_vocab] of final-normed residuals `x` [..., d_model], upcast to float32
+    at least, then soft-capped where the model caps its logits (Gemma 2).
+
+    The matmul runs in the model's dtype, as the model's own unembedding does, but without
+    the transposed copy of W_U (vocabulary-sized) that `model.unembed` makes on each call.
+    """
+    w_u = model.W_U
+    logits = F.linear(x.to(device=w_u.device, dtype=w_u.dtype), w_u.T, model.b_U)
+    return soft_cap_(model, logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+
+def soft_cap_(model: HookedTransformer, logits: Tensor) -> Tensor:
+    """`logits` soft-capped in place, cap · tanh(logits / cap), where the model caps its
+    output logits (`output_logits_soft_cap` > 0, Gemma 2); unchanged otherwise."""
+    cap = model.cfg.output_logits_soft_cap
+    if cap is not None and cap > 0:
+        logits = logits.div_(cap).tanh_().mul_(cap)
+    return logits
+
+
+def _log_probs(model: HookedTransformer, x: Tensor) -> Tensor:
+    """Log-probs [n, d_vocab] (float32 at least) of final-normed residuals `x` [n, d_model];
+    the logits are dropped on return, so one chunk holds at most two such tensors here."""
+    return tok_metrics.log_probs(unembed(model, x))
 
 
 @dataclass
@@ -189,8 +251,17 @@ class EngineOptions:
     """How the engine runs: batch size, device and dtype, special tokens, progress bar;
     `on_batch(done, total)` is called after each batch with the sequences done so far and
     the total (None for an iterable of batches). Dictionaries sharing a write hook are
-    spliced in one suffix pass stacked along the batch, up to `stack_bytes` of stacked
-    logits (0: one pass each; stacking can change results in the last bits)."""
+    spliced in one suffix pass stacked along the batch, up to `stack_bytes` of the stacked
+    pass's widest activation (0: one pass each; stacking can change results in the last
+    bits).
+
+    Logits go through the unembedding a chunk of positions at a time (`saebench.chunks`):
+    `max_memory` is the bytes one chunk's logits-sized tensors may take, all together
+    (None: `chunks.DEFAULT_MAX_MEMORY`, 1 GiB; a string such as "512MiB" is parsed), and
+    also the most that variants' final residuals may take while they wait for the
+    unembedding; `chunk_positions` sets the positions per chunk instead. Neither changes a
+    result beyond float rounding.
+    """
 
     batch_size: int = 16
     device: str | torch.device | None = None
@@ -200,6 +271,24 @@ class EngineOptions:
     special_token_ids: Sequence[int] | None = None
     on_batch: Callable[[int, int | None], None] | None = None
     stack_bytes: int = 1 << 30
+    max_memory: int | None = None
+    chunk_positions: int | None = None
+
+    def __post_init__(self) -> None:
+        self.max_memory = chunks.parse_size(self.max_memory)
+        chunks.check_positions(self.chunk_positions)
+
+    @property
+    def memory_budget(self) -> int:
+        """`max_memory` in bytes, the default when None."""
+        return self.max_memory or chunks.DEFAULT_MAX_MEMORY
+
+    def positions_per_chunk(self, model: HookedTransformer, bytes_per_value: int = 4,
+                            tensors: int = chunks.LIVE_TENSORS) -> int:
+        """Positions per chunk of `model`'s logits under these options."""
+        return chunks.positions_per_chunk(model.cfg.d_vocab_out, max_memory=self.max_memory,
+                                          chunk_positions=self.chunk_positions,
+                                          bytes_per_value=bytes_per_value, tensors=tensors)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -403,22 +492,30 @@ def run(
     keep = isinstance(tokens, Tensor) and bool(memo.hooks) and set(cache_hooks) <= memo.hooks
     if keep:
         cache_hooks, needs_logits = sorted(memo.hooks), True
-    stop = None if needs_logits else min(
+    stop = model.cfg.n_layers if needs_logits else min(
         model.cfg.n_layers, max(hook_layer(h) for h in cache_hooks) + 1)
+    dtype = next(model.parameters()).dtype
+    chunk = options.positions_per_chunk(model, max(4, dtype.itemsize))
 
     by_position = any(r.by_position for r in requests)
 
-    def clean_pass(batch: Tensor, first_row: int) -> tuple[dict, _Clean | None, Tensor]:
+    def clean_pass(batch: Tensor, first_row: int) -> tuple[dict, Tensor | None, Tensor]:
+        """(cached activations, final-normed clean residual or None, evaluated positions)."""
         batch = batch.to(device)
         act_mask = ~torch.isin(batch, special)
         kept = (options.batch_size, first_row, tuple(options.special_token_ids))
         if keep and kept in memo.passes:
             cache, clean = memo.passes[kept]
         else:
-            logits, cache = model.run_with_cache(batch, names_filter=cache_hooks,
-                                                 stop_at_layer=stop)
-            clean = _Clean(logits, batch, act_mask) if needs_logits else None
-            del logits  # the clean log-probs are all the variants need
+            resid, cache = model.run_with_cache(batch, names_filter=cache_hooks,
+                                                stop_at_layer=stop)
+            clean = None
+            if needs_logits:
+                store: dict[str, Tensor] = {}
+                clean = final_norm(model, resid, [(h, _capture(store, h)) for h in cache_hooks])
+                if store:
+                    cache = {**cache.cache_dict, **store}
+            del resid
             if keep:
                 memo.passes[kept] = (cache, clean)
         return cache, clean, act_mask
@@ -428,22 +525,20 @@ def run(
     first_row = 0
     for batch in _batches(tokens, options.batch_size):
         batch = batch.to(device)
-        cache, clean, act_mask = clean_pass(batch, first_row)
+        cache, clean_resid, act_mask = clean_pass(batch, first_row)
         buckets = [(bucket_prefix(b), _in_bucket(b, batch)) for b in
                    position_buckets(batch.shape[1])] if by_position else []
+        heads = (_Unembedding(model, batch, clean_resid, chunk, options.memory_budget)
+                 if needs_logits else None)
         if needs_logits:
             for hooks, kind in ablation_sets:
-                abl_logits = _ablated_logits(model, cache, batch, hooks, kind, means,
-                                             token_independent)
-                ablation_logs[(hooks, kind)].add(**clean.terms_against(abl_logits, kind))
-                for prefix, within in buckets:
-                    ablation_logs[(hooks, kind)].add(**_prefixed(
-                        prefix, clean.restricted(within).terms_against(abl_logits, kind)))
-        for stack in _stacks(requests, options.stack_bytes, batch.numel() * model.cfg.d_vocab * 4):
+                heads.add(("ablation", hooks, kind), _ablated_residual(
+                    model, cache, batch, hooks, kind, means, token_independent), ("nll", "kl"))
+        for stack in _stacks(requests, options.stack_bytes, _copy_bytes(model, batch)):
             masks = {r.key: act_mask & position_mask(r.positions, *batch.shape,
                                                      device=batch.device) for r in stack}
             records: dict[str, dict] = {r.key: {} for r in stack}
-            stacked = (_stacked_spliced_logits(model, cache, stack, masks, records)
+            stacked = (_stacked_spliced_residuals(model, cache, stack, masks, records)
                        if len(stack) > 1 else {})
             for request in stack:
                 record, mask = records[request.key], masks[request.key]
@@ -453,18 +548,16 @@ def run(
                     spliced = stacked.pop(request.key, None)
                     written: dict[str, Tensor] = {}
                     if spliced is None:
-                        spliced = _spliced_logits(model, cache, batch, request, mask, record,
-                                                  written if request.layers else None,
-                                                  captured)
-                    logs[request.key].add(**clean.terms_against(spliced, "spliced"),
-                                          **clean.spliced_counts(mask))
+                        spliced = _spliced_residual(model, cache, batch, request, mask, record,
+                                                    written if request.layers else None,
+                                                    captured)
+                    heads.add(("spliced", request.key), spliced, ("nll", "kl", "agree"))
+                    logs[request.key].add(**_spliced_counts(act_mask, mask))
                     if request.layers:
                         logs[request.key].add(**layer_terms(request, cache, written, mask))
                     for prefix, within in buckets if request.by_position else ():
-                        part = clean.restricted(within)
                         logs[request.key].add(**_prefixed(
-                            prefix, part.terms_against(spliced, "spliced")
-                            | part.spliced_counts(mask)
+                            prefix, _spliced_counts(act_mask & within, mask)
                             | (layer_terms(request, cache, written, mask & within)
                                if request.layers else {})))
                     del spliced
@@ -475,8 +568,8 @@ def run(
                                  captured)
                     logs[request.key].add(**_probe_terms(request, view, 0))
                 if request.noise_draws:
-                    logs[request.key].add(**_pathological_terms(
-                        model, cache, batch, request, mask, record, clean, factors, first_row))
+                    _noise_passes(model, cache, batch, request, mask, record, factors,
+                                  first_row, heads)
                 if request.reconstruction:
                     if not record:
                         _record_from_cache(cache, request, act_mask, record)
@@ -486,6 +579,8 @@ def run(
                         logs[request.key].add(**_prefixed(
                             prefix, _reconstruction_terms(rec, act_mask & within)))
                 logs[request.key].add(**health_terms(record, evaluated))
+        if needs_logits:
+            _log_unembedded(heads, act_mask, buckets, requests, ablation_sets, logs, ablation_logs)
         bar.update(len(batch))
         first_row += len(batch)
         if options.on_batch is not None:
@@ -506,26 +601,150 @@ def run(
     return results
 
 
+def _log_unembedded(heads: _Unembedding, act_mask: Tensor, buckets: list[tuple[str, Tensor]],
+                    requests: Sequence[Request], ablation_sets: Sequence[tuple],
+                    logs: dict[str, _TermLog], ablation_logs: dict[tuple, _TermLog]) -> None:
+    """Log a batch's logit-derived terms once they are unembedded: each ablation's and each
+    request's CE and KL (and per bucket of positions), the spliced top-1 agreement and the
+    clean CE, and the noise passes' KLs averaged over draws. A batch without variants (a
+    run of reconstruction metrics keeping its clean pass for later runs) logs nothing."""
+    heads.finish()
+    if heads.clean_nll is None:
+        return
+    clean = _Clean(heads.clean_nll, act_mask)
+    for hooks, kind in ablation_sets:
+        values = heads.values(("ablation", hooks, kind))
+        ablation_logs[(hooks, kind)].add(**clean.terms(values, kind))
+        for prefix, within in buckets:
+            ablation_logs[(hooks, kind)].add(**_prefixed(
+                prefix, clean.restricted(within).terms(values, kind)))
+    for request in requests:
+        if request.downstream:
+            values = heads.values(("spliced", request.key))
+            logs[request.key].add(**clean.terms(values, "spliced"))
+            for prefix, within in buckets if request.by_position else ():
+                logs[request.key].add(**_prefixed(
+                    prefix, clean.restricted(within).terms(values, "spliced")))
+        if request.noise_draws:
+            logs[request.key].add(**{
+                NOISE_TERMS[kind]: torch.stack([
+                    clean.kl_sums(heads.values(("noise", request.key, kind, draw)))
+                    for draw in range(request.noise_draws)]).mean(0)
+                for kind in request.noise_baselines})
+
+
 def _in_bucket(bucket: tuple[int, int], batch: Tensor) -> Tensor:
     """[b, t] mask of the positions in `bucket` (inclusive)."""
     positions = torch.arange(batch.shape[1], device=batch.device)
     return ((positions >= bucket[0]) & (positions <= bucket[1])).expand_as(batch)
 
 
+class _Unembedding:
+    """The logit-derived per-token values of one batch's variants, each measured against
+    the batch's clean pass, a chunk of positions at a time.
+
+    A variant (an ablation, a spliced or a noise pass) is added as its final-normed
+    residual [b, t, d_model], or [1, t, d_model] for a token-independent pass standing for
+    every row. A run walks the batch's b × t positions in row-major chunks of `chunk`
+    (so a chunk may split a sequence): per chunk it computes the clean log-probs once,
+    then each variant's log-probs and values against them, and drops them before the next
+    chunk, so at most `chunks.LIVE_TENSORS` logits-sized tensors live at once. Variants
+    wait until their residuals would take more than `hold_bytes`; then a run starts early
+    (`finish` runs the last).
+
+    Values, in the log-probs' dtype (float32 at least): `nll` [b, t-1] (position i
+    predicting token i + 1), `kl` [b, t] (KL(clean ‖ variant)), `agree` [b, t] (1 where the
+    top-1 tokens agree), each only where asked for; `clean_nll` [b, t-1] the clean pass's.
+    """
+
+    def __init__(self, model: HookedTransformer, batch: Tensor, clean: Tensor, chunk: int,
+                 hold_bytes: int) -> None:
+        self.model, self.shape, self.chunk, self.hold_bytes = model, batch.shape, chunk, hold_bytes
+        self.clean = clean.flatten(0, 1)
+        self.dtype = torch.promote_types(model.W_U.dtype, torch.float32)  # of the log-probs
+        b, t = batch.shape
+        self.next_tokens = torch.cat([batch[:, 1:], batch[:, -1:]], 1).flatten().long()
+        self.columns = torch.arange(t, device=batch.device).repeat(b)
+        self.clean_nll: Tensor | None = None
+        self._pending: list[tuple[Hashable, Tensor, tuple[str, ...]]] = []
+        self._held = 0
+        self._values: dict[Hashable, dict[str, Tensor]] = {}
+
+    def add(self, key: Hashable, resid: Tensor, wants: tuple[str, ...]) -> None:
+        """Measure the variant `key` with final-normed residual `resid` for `wants` (of
+        nll, kl, agree) in a coming run."""
+        size = resid.numel() * resid.element_size()
+        if self._pending and self._held + size > self.hold_bytes:
+            self.finish()
+        self._pending.append((key, resid, wants))
+        self._held += size
+
+    def values(self, key: Hashable) -> dict[str, Tensor]:
+        """The per-token values of variant `key` (after `finish`)."""
+        return self._values[key]
+
+    def finish(self) -> None:
+        """Run the waiting variants through the unembedding, if any."""
+        if not self._pending:
+            return
+        n = len(self.clean)
+        device = self.clean.device
+        first = self.clean_nll is None
+        if first:
+            self.clean_nll = torch.empty(n, dtype=self.dtype, device=device)
+        out = {key: {name: torch.empty(n, dtype=self.dtype, device=device) for name in wants}
+               for key, _, wants in self._pending}
+        need_top1 = any("agree" in wants for _, _, wants in self._pending)
+        for start, stop in chunks.spans(n, self.chunk):
+            log_p = _log_probs(self.model, self.clean[start:stop])
+            following = self.next_tokens[start:stop, None]
+            if first:
+                self.clean_nll[start:stop] = -log_p.gather(-1, following)[:, 0]
+            top1 = log_p.argmax(-1) if need_top1 else None
+            p = log_p.exp()
+            for key, resid, wants in self._pending:
+                log_q = self._variant_log_probs(resid, start, stop)
+                values = out[key]
+                if "nll" in wants:
+                    values["nll"][start:stop] = -log_q.gather(-1, following)[:, 0]
+                if "agree" in wants:
+                    values["agree"][start:stop] = log_q.argmax(-1) == top1
+                if "kl" in wants:
+                    # KL(p ‖ q) = Σ p (log p − log q), as F.kl_div(log_target=True), in place
+                    values["kl"][start:stop] = log_q.neg_().add_(log_p).mul_(p).sum(-1)
+                del log_q
+            del log_p, p
+        b, t = self.shape
+        for key, values in out.items():
+            self._values[key] = {name: v.view(b, t)[:, :-1] if name == "nll" else v.view(b, t)
+                                 for name, v in values.items()}
+        if first:
+            self.clean_nll = self.clean_nll.view(b, t)[:, :-1]
+        self._pending, self._held = [], 0
+
+    def _variant_log_probs(self, resid: Tensor, start: int, stop: int) -> Tensor:
+        """A variant's log-probs at the flat positions [start, stop): of its own rows, or,
+        for a one-row (token-independent) residual, of the columns those positions are at,
+        each computed once."""
+        if len(resid) == self.shape[0]:
+            return _log_probs(self.model, resid.flatten(0, 1)[start:stop])
+        wanted = self.columns[start:stop]
+        columns, where = torch.unique(wanted, return_inverse=True)
+        log_q = _log_probs(self.model, resid[0, columns])
+        return log_q if torch.equal(columns, wanted) else log_q[where]
+
+
 class _Clean:
-    """The clean pass's log-probs, and the CE/KL terms of a variant against them.
+    """The clean pass's per-token CE, and the CE/KL terms of a variant against it.
 
     CE is summed over prediction positions (input token not special, a next token exists),
     KL over every position whose input token is not special, as sae_lens does; so is the
-    spliced run's top-1 agreement with the clean one (`agree_spliced`). The clean
-    log-probs and CE are computed once per batch and shared by every variant.
+    spliced run's top-1 agreement with the clean one (`agree_spliced`). The per-token
+    values come from the batch's `_Unembedding`.
     """
 
-    def __init__(self, logits: torch.Tensor, batch: torch.Tensor, act_mask: torch.Tensor):
-        self.batch = batch
-        self.log_p = tok_metrics.log_probs(logits)
-        self.top1 = self.log_p.argmax(-1)
-        self.nll = tok_metrics.next_token_nll(self.log_p, batch)
+    def __init__(self, nll: Tensor, act_mask: Tensor) -> None:
+        self.nll = nll
         self._count(act_mask)
 
     def _count(self, act_mask: Tensor) -> None:
@@ -539,40 +758,38 @@ class _Clean:
         }
 
     def restricted(self, within: Tensor) -> _Clean:
-        """The same log-probs and per-token clean CE, counting only the positions `within`
-        [b, t] (a bucket of positions)."""
+        """The same per-token clean CE, counting only the positions `within` [b, t] (a
+        bucket of positions)."""
         part = copy.copy(self)
         part._count(self.act_mask & within)
         return part
 
-    def terms_against(self, logits: torch.Tensor, label: str) -> dict[str, torch.Tensor]:
-        log_q = tok_metrics.log_probs(logits).expand_as(self.log_p)
-        ce = tok_metrics.next_token_nll(log_q, self.batch)
-        kl = tok_metrics.kl_from_log_probs(self.log_p, log_q)
-        terms = {f"ce_{label}": tok_metrics.sequence_sums(ce, self.pred_mask),
-                 f"kl_{label}": tok_metrics.sequence_sums(kl, self.act_mask)}
+    def terms(self, values: dict[str, Tensor], label: str) -> dict[str, Tensor]:
+        """`ce_<label>` and `kl_<label>` sums of a variant's per-token `values`; for the
+        spliced pass also its top-1 agreement and the clean CE and counts."""
+        terms = {f"ce_{label}": tok_metrics.sequence_sums(values["nll"], self.pred_mask),
+                 f"kl_{label}": tok_metrics.sequence_sums(values["kl"], self.act_mask)}
         if label != "spliced":
             return terms
-        agree = (log_q.argmax(-1) == self.top1).to(log_q.dtype)
         return terms | self.shared | {
-            "agree_spliced": tok_metrics.sequence_sums(agree, self.act_mask)}
+            "agree_spliced": tok_metrics.sequence_sums(values["agree"], self.act_mask)}
 
-    def spliced_counts(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The guard terms: per sequence, the counted CE and KL positions at or after a
-        spliced position (`mask`), the only ones whose prediction the splice can change."""
-        reached = reached_positions(mask)
-        return {"n_pred_spliced": (self.pred_mask & reached[:, :-1]).sum(-1),
-                "n_kl_spliced": (self.act_mask & reached).sum(-1)}
-
-    def kl_sums(self, logits: torch.Tensor) -> torch.Tensor:
+    def kl_sums(self, values: dict[str, Tensor]) -> Tensor:
         """Per-sequence sums of KL(clean ‖ variant) over the KL positions."""
-        log_q = tok_metrics.log_probs(logits).expand_as(self.log_p)
-        return tok_metrics.sequence_sums(tok_metrics.kl_from_log_probs(self.log_p, log_q),
-                                         self.act_mask)
+        return tok_metrics.sequence_sums(values["kl"], self.act_mask)
 
 
-def _ablated_logits(model, cache, batch, hooks, kind, means, token_independent) -> torch.Tensor:
-    """Logits with `hooks` ablated at every position; shared across a batch when possible."""
+def _spliced_counts(act_mask: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """The guard terms: per sequence, the counted CE and KL positions (of `act_mask`) at or
+    after a spliced position (`mask`), the only ones whose prediction the splice can change."""
+    reached = reached_positions(mask)
+    return {"n_pred_spliced": (act_mask[:, :-1] & reached[:, :-1]).sum(-1),
+            "n_kl_spliced": (act_mask & reached).sum(-1)}
+
+
+def _ablated_residual(model, cache, batch, hooks, kind, means, token_independent) -> Tensor:
+    """The final-normed residual with `hooks` ablated at every position; one row shared
+    across the batch when the ablation makes it independent of the tokens."""
     layer = _start_layer(hooks)
     fwd_hooks = [hook for h in hooks for hook in ablation_hooks(h, kind, mean=means.get(h))]
     if layer is not None and _is_whole_residual(hooks):
@@ -583,8 +800,8 @@ def _ablated_logits(model, cache, batch, hooks, kind, means, token_independent) 
     return _suffix_pass(model, cache, batch, layer, fwd_hooks)
 
 
-def _spliced_logits(model, cache, batch, request: Request, mask, record,
-                    written: dict | None = None, captured: dict | None = None) -> torch.Tensor:
+def _spliced_residual(model, cache, batch, request: Request, mask, record,
+                      written: dict | None = None, captured: dict | None = None) -> Tensor:
     hooks = splice_hooks(request.dictionaries, error_term=request.error_term, mask=mask,
                          edits=request.edits, record=record, written=written)
     wanted = sorted({h for p in request.probes for h in p.spliced_hooks})
@@ -665,9 +882,11 @@ def _later_sweeps(model, tokens, requests: Sequence[Request], options: EngineOpt
 
 def _stackable(request: Request) -> tuple | None:
     """What requests must share to be spliced in one stacked pass (one dictionary, not a
-    transcoder, without edits or error term, from a cached layer), or None."""
+    transcoder, without edits, error term or per-layer errors, from a cached layer), or
+    None."""
     if not request.downstream or len(request.dictionaries) != 1 or request.edits \
-            or request.error_term or request.start_layer is None or request.probes:
+            or request.error_term or request.start_layer is None or request.probes \
+            or request.layers:
         return None
     d = request.dictionaries[0]
     if d.is_transcoder:
@@ -677,11 +896,21 @@ def _stackable(request: Request) -> tuple | None:
     return (d.write_hook, request.start_layer, positions)
 
 
-def _stacks(requests: Sequence[Request], budget: int, logits_bytes: int) -> list[list[Request]]:
+def _copy_bytes(model: HookedTransformer, batch: Tensor) -> int:
+    """About what one more copy of `batch` adds to a stacked suffix pass: its widest
+    activation (the attention pattern [b, heads, t, t], the MLP hidden [b, t, d_mlp] or the
+    residual [b, t, d_model]) in float32. The pass makes no logits (see `_Unembedding`)."""
+    b, t = batch.shape
+    cfg = model.cfg
+    return b * t * max(cfg.d_model, cfg.d_mlp or 0, cfg.n_heads * t) * 4
+
+
+def _stacks(requests: Sequence[Request], budget: int, copy_bytes: int) -> list[list[Request]]:
     """`requests` in groups spliced in one stacked suffix pass each, in request order: those
     sharing a write hook, start layer and positions (`_stackable`), as many at a time as
-    keep the stacked logits within `budget` bytes; every other request alone."""
-    per_stack = max(1, budget // max(logits_bytes, 1))
+    keep the stacked copies (`copy_bytes` each) within `budget` bytes; every other request
+    alone."""
+    per_stack = max(1, budget // max(copy_bytes, 1))
     stacks: list[list[Request]] = []
     open_stacks: dict[tuple, list[Request]] = {}
     for request in requests:
@@ -696,10 +925,11 @@ def _stacks(requests: Sequence[Request], budget: int, logits_bytes: int) -> list
     return stacks
 
 
-def _stacked_spliced_logits(model, cache, stack: list[Request], masks: dict[str, Tensor],
-                            records: dict[str, dict]) -> dict[str, Tensor]:
-    """The spliced logits of each request of `stack` from one suffix pass over the cached
-    residual repeated once per request, each copy through its own dictionary."""
+def _stacked_spliced_residuals(model, cache, stack: list[Request], masks: dict[str, Tensor],
+                               records: dict[str, dict]) -> dict[str, Tensor]:
+    """The spliced final-normed residual of each request of `stack` from one suffix pass
+    over the cached residual repeated once per request, each copy through its own
+    dictionary."""
     layer = stack[0].start_layer
     inputs = cache[f"blocks.{layer}.hook_resid_pre"]
     rows = len(inputs)
@@ -710,10 +940,11 @@ def _stacked_spliced_logits(model, cache, stack: list[Request], masks: dict[str,
         return torch.cat([fn(act[i * rows:(i + 1) * rows], hook)
                           for i, fn in enumerate(splices)])
 
-    logits = model.run_with_hooks(inputs.repeat(len(stack), *([1] * (inputs.dim() - 1))),
-                                  start_at_layer=layer,
-                                  fwd_hooks=[(stack[0].dictionaries[0].write_hook, hook_fn)])
-    return {r.key: logits[i * rows:(i + 1) * rows] for i, r in enumerate(stack)}
+    resid = model.run_with_hooks(inputs.repeat(len(stack), *([1] * (inputs.dim() - 1))),
+                                 start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
+                                 fwd_hooks=[(stack[0].dictionaries[0].write_hook, hook_fn)])
+    resid = final_norm(model, resid)
+    return {r.key: resid[i * rows:(i + 1) * rows] for i, r in enumerate(stack)}
 
 
 def _sequence_seed(seed: int, index: int) -> int:
@@ -750,9 +981,10 @@ def _perturb_hook(eps: Tensor, mask: Tensor):
     return hook_fn
 
 
-def _pathological_terms(model, cache, batch, request: Request, mask, record, clean: _Clean,
-                        factors: dict[str, Tensor], first_row: int) -> dict[str, Tensor]:
-    """KL(clean ‖ clean + ε) per sequence, averaged over draws, for each requested baseline.
+def _noise_passes(model, cache, batch, request: Request, mask, record,
+                  factors: dict[str, Tensor], first_row: int, heads: _Unembedding) -> None:
+    """The passes with the clean activation moved by ε, one per draw and requested baseline,
+    added to `heads` for their KL(clean ‖ clean + ε) (`_log_unembedded` averages draws).
 
     ε has the norm of what the splice changed at each masked position (‖x̂ − target‖ there;
     0 elsewhere). The baselines share each draw's z (common random numbers). A covariance
@@ -765,17 +997,15 @@ def _pathological_terms(model, cache, batch, request: Request, mask, record, cle
     err_norm = torch.where(mask, err_norm, 0)
     dtype = torch.promote_types(torch.float32, target.dtype)
     gens = sequence_generators(request.noise_seed, first_row, len(batch), batch.device)
-    kls: dict[str, list[Tensor]] = {kind: [] for kind in request.noise_baselines}
-    for _ in range(request.noise_draws):
+    for draw in range(request.noise_draws):
         z = torch.stack([torch.randn(target.shape[1:], generator=g, device=batch.device,
                                      dtype=dtype) for g in gens])
         for kind in request.noise_baselines:
             factor = factors.get(d.write_hook) if kind == "covariance" else None
             eps = rescaled(random_directions(z, factor), err_norm.to(dtype))
-            logits = _suffix_pass(model, cache, batch, request.start_layer,
-                                  [(d.write_hook, _perturb_hook(eps, mask))])
-            kls[kind].append(clean.kl_sums(logits))
-    return {NOISE_TERMS[kind]: torch.stack(draws).mean(0) for kind, draws in kls.items()}
+            heads.add(("noise", request.key, kind, draw), _suffix_pass(
+                model, cache, batch, request.start_layer,
+                [(d.write_hook, _perturb_hook(eps, mask))]), ("kl",))
 
 
 def health_terms(record: dict, evaluated: Tensor) -> dict[str, Tensor]:
@@ -810,10 +1040,11 @@ def layer_terms(request: Request, cache, written: dict[str, Tensor], mask: Tenso
                          f"{', '.join(hooks)} have widths {sorted(widths)}")
     sums = tok_metrics.sequence_sums
     target = torch.stack([cache[h].flatten(2) for h in hooks], dim=2)  # [b, t, L, d]
-    out = torch.stack([written[h].flatten(2) for h in hooks], dim=2).to(target.dtype)
+    out = torch.stack([written[h].flatten(2) for h in hooks], dim=2)
     keep = mask.to(target.device)
+    # the difference in float64: in half precision x̂ − x would round before squaring
     return {"n_layer": keep.sum(-1),
-            "layer_sq_err": sums((out - target).double().pow(2).sum(-1), keep),
+            "layer_sq_err": sums((out.double() - target.double()).pow(2).sum(-1), keep),
             "layer_sq_target": sums(target.double().pow(2).sum(-1), keep),
             "layer_sum_target": sums(target.double().flatten(2), keep).unflatten(
                 -1, (len(hooks), -1))}
@@ -860,3 +1091,7 @@ def check_requests(model: HookedTransformer, requests: Sequence) -> None:
                 if hook not in model.hook_dict:
                     raise ValueError(f"{request.key}: dictionary {d.name!r} uses hook {hook!r}, "
                                      "which the model does not have")
+                if hook.startswith("unembed."):
+                    raise ValueError(f"{request.key}: dictionary {d.name!r} uses hook {hook!r} "
+                                     "inside the unembedding, which runs in chunks of "
+                                     "positions; splice at ln_final.* or an earlier hook")

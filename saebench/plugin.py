@@ -72,6 +72,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--saebench-strict", action="store_true",
                     help="fail noisy checks (worse than the baseline within noise) and a run "
                          "in which no check was measured (all skipped)")
+    group.addoption("--saebench-max-memory", default=None, metavar="SIZE",
+                    help="memory for one chunk of logits (positions x vocabulary), e.g. 2GiB, "
+                         "512MB or bytes (default 1GiB); results do not depend on it")
+    group.addoption("--saebench-chunk-positions", type=int, default=None, metavar="N",
+                    help="positions per chunk of logits (overrides --saebench-max-memory)")
     parser.addini("saebench_suite_dirs", "directories whose YAML files are suites",
                   type="paths", default=[])
 
@@ -90,6 +95,16 @@ def _check_options(config: pytest.Config) -> None:
     if n_tokens is not None and n_tokens < 1:
         raise pytest.UsageError(f"--saebench-tokens {n_tokens}: expected a positive number "
                                 "of tokens")
+    from saebench.chunks import check_positions, parse_size
+
+    try:
+        parse_size(opt("--saebench-max-memory"))
+    except ValueError as err:
+        raise pytest.UsageError(f"--saebench-max-memory: {err}") from None
+    try:
+        check_positions(opt("--saebench-chunk-positions"))
+    except ValueError as err:
+        raise pytest.UsageError(f"--saebench-chunk-positions: {err}") from None
     seed = opt("--saebench-seed")
     if seed is not None and not 0 <= seed < 2**63:
         raise pytest.UsageError(f"--saebench-seed {seed}: expected an integer in [0, 2**63)")
@@ -140,10 +155,13 @@ class _State:
         """The run-wide settings, built when a suite is first collected: saebench's engine
         (and torch with it) loads only in a session that has suites."""
         from saebench.checks import RunSettings
+        from saebench.chunks import parse_size
 
         opt = self.config.getoption
         return RunSettings(device=workers.device(self.config), dtype=opt("--saebench-dtype"),
-                           n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"))
+                           n_tokens=opt("--saebench-tokens"), seed=opt("--saebench-seed"),
+                           max_memory=parse_size(opt("--saebench-max-memory")),
+                           chunk_positions=opt("--saebench-chunk-positions"))
 
     def suite_run(self, suite):
         from saebench.checks import SuiteRun

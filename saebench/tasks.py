@@ -4,7 +4,9 @@ A task is a list of `TaskPrompt(prompt, answer, distractor, pos)`: the model sho
 `answer` over `distractor` at the answer position `pos` (default the prompt's last token;
 negative values count from the end of the prompt's own tokens, BOS included).
 `run_task` measures each `TaskRequest` (a dictionary, or a set spliced together) prompt by
-prompt, with full forward passes over right-padded batches:
+prompt, with forward passes over right-padded batches that stop at the final residual
+stream: only the answer positions go through the unembedding, a chunk of prompts at a time
+(`EngineOptions.max_memory` / `chunk_positions`), so no [prompts, seq, vocab] logits exist:
 
     >>> prompts = loading.load_task("ioi")[:40]
     >>> d = as_dictionary(loading.load_zoo_dictionary("resid-L2-topk16"))
@@ -12,10 +14,11 @@ prompt, with full forward passes over right-padded batches:
     >>> summarize(get_metric("logit_diff_recovered"), result.terms["r2"])
 
 Per prompt, LD = logit[answer] − logit[distractor] at the answer position, for the clean
-run, the spliced run and each ablation baseline. With causal attention and right padding,
-the logits at a real position never see the padding, so a prompt's numbers do not depend
-on the batch it lands in. Dictionaries are spliced, and sites ablated, only at real
-(non-pad), non-special positions.
+run, the spliced run and each ablation baseline (through the two unembedding columns in
+float64, so a half-precision model's LD is not the difference of two rounded logits).
+With causal attention and right padding, the logits at a real position never see the
+padding, so a prompt's numbers do not depend on the batch it lands in. Dictionaries are
+spliced, and sites ablated, only at real (non-pad), non-special positions.
 
 Terms (float64, one row per prompt; `saebench.metrics.task` aggregates them):
 `n_prompts` (ones), `ld_clean`, `ld_spliced`, `ld_zero` / `ld_mean`, `sign_agree`
@@ -35,12 +38,16 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from saebench.chunks import spans
 from saebench.engine import (
     ABLATIONS,
     EngineOptions,
     check_requests,
+    final_norm,
     health_terms,
+    soft_cap_,
     special_token_ids,
+    unembed,
 )
 from saebench.loading import TaskPrompt
 from saebench.splice import (
@@ -273,37 +280,62 @@ def direct_logit_attribution(model: HookedTransformer, component: Tensor, scale:
     weight = getattr(model.ln_final, "w", None) if hasattr(model, "ln_final") else None
     if isinstance(weight, Tensor):
         x = x * weight.double()
-    w_u = model.W_U.double()
-    return (x * (w_u[:, answers] - w_u[:, distractors]).T).sum(-1)
+    w_u = model.W_U  # only the columns read are widened, never the whole vocabulary
+    return (x * (w_u[:, answers].double() - w_u[:, distractors].double()).T).sum(-1)
 
 
-def _logit_diff(logits: Tensor, batch: PromptBatch) -> tuple[Tensor, Tensor]:
-    """(LD, −log p(answer)) at the answer positions, float64 [b] each."""
-    at = batch.at_answer(logits).double()
-    rows = torch.arange(len(at), device=at.device)
-    ld = at[rows, batch.answers] - at[rows, batch.distractors]
-    nll = -torch.log_softmax(at, -1)[rows, batch.answers]
+def _logit_diff(model: HookedTransformer, at: Tensor, batch: PromptBatch, chunk: int
+                ) -> tuple[Tensor, Tensor]:
+    """(LD, −log p(answer)), float64 [b] each, from the final-normed residuals at the answer
+    positions `at` [b, d_model].
+
+    LD goes through the answer's and the distractor's unembedding columns in float64; the
+    NLL's log-sum-exp goes through the whole vocabulary, `chunk` prompts at a time, from
+    logits (`saebench.engine.unembed`) widened to float64.
+    """
+    x = at.double()
+    w_u, b_u = model.W_U, model.b_U
+
+    def logit(tokens: Tensor) -> Tensor:
+        raw = (x * w_u[:, tokens].T.double()).sum(-1) + b_u[tokens].double()
+        return soft_cap_(model, raw)
+
+    ld = logit(batch.answers) - logit(batch.distractors)
+    nll = torch.empty(len(at), dtype=torch.float64, device=at.device)
+    for start, stop in spans(len(at), chunk):
+        logits = unembed(model, at[start:stop]).double()
+        rows = torch.arange(stop - start, device=at.device)
+        nll[start:stop] = (torch.logsumexp(logits, -1)
+                           - logits[rows, batch.answers[start:stop]])
+        del logits
     return ld, nll
 
 
 class _Runner:
-    """The passes of one `run_task` call over its encoded batches."""
+    """The passes of one `run_task` call over its encoded batches; `chunk` answer positions
+    at a time go through the unembedding."""
 
-    def __init__(self, model: HookedTransformer, batches: list[PromptBatch], n: int) -> None:
+    def __init__(self, model: HookedTransformer, batches: list[PromptBatch], n: int,
+                 chunk: int) -> None:
         self.model = model
         self.batches = batches
         self.n = n
+        self.chunk = chunk
 
     def collect(self, fwd_hooks_of: HooksOf, on_batch: OnBatch | None = None
                 ) -> tuple[Tensor, Tensor]:
         """(LD, NLL) per prompt [n] of a pass whose hooks `fwd_hooks_of(batch)` gives."""
         ld = torch.empty(self.n, dtype=torch.float64)
         nll = torch.empty(self.n, dtype=torch.float64)
+        model = self.model
         for batch in self.batches:
             extra: dict = {}
-            logits = self.model.run_with_hooks(batch.tokens,
-                                               fwd_hooks=fwd_hooks_of(batch, extra))
-            b_ld, b_nll = _logit_diff(logits, batch)
+            hooks = fwd_hooks_of(batch, extra)
+            resid = model.run_with_hooks(batch.tokens, fwd_hooks=hooks,
+                                         stop_at_layer=model.cfg.n_layers)
+            at = batch.at_answer(final_norm(model, resid, hooks))
+            del resid
+            b_ld, b_nll = _logit_diff(model, at, batch, self.chunk)
             ld[batch.indices], nll[batch.indices] = b_ld.cpu(), b_nll.cpu()
             if on_batch is not None:
                 on_batch(batch, extra)
@@ -329,9 +361,10 @@ def run_task(
 ) -> TaskResult:
     """Measure every request on `prompts`: terms, per-prompt rows and feature tables.
 
-    `options` gives the batch size and the special tokens (BOS/EOS/PAD of the model's
-    tokenizer unless `special_token_ids` or `exclude_special_tokens=False` says otherwise);
-    the model's own device and dtype are used. Deterministic.
+    `options` gives the batch size, the special tokens (BOS/EOS/PAD of the model's
+    tokenizer unless `special_token_ids` or `exclude_special_tokens=False` says otherwise)
+    and the unembedding's chunks (`max_memory`, `chunk_positions`); the model's own device
+    and dtype are used. Deterministic.
     """
     options = options or EngineOptions()
     check_requests(model, requests)
@@ -341,7 +374,9 @@ def run_task(
     if special is None:
         special = special_token_ids(model) if options.exclude_special_tokens else []
     batches = encode_prompts(model, prompts, options.batch_size, special)
-    runner = _Runner(model, batches, len(prompts))
+    # per chunk: the logits, widened to float64, and log-sum-exp's temporary
+    runner = _Runner(model, batches, len(prompts),
+                     options.positions_per_chunk(model, bytes_per_value=8, tensors=3))
 
     ablation_sets = sorted({(r.write_hooks, kind) for r in requests for kind in r.ablations})
     mean_hooks = sorted({h for hooks, kind in ablation_sets if kind == "mean" for h in hooks})

@@ -901,6 +901,12 @@ CLI_ERRORS: dict[str, tuple[list[str], str]] = {
                                  r"--saebench-report-dir mini\.yaml/reports"),
     "seed beyond 64 bits": (["--saebench-seed=100000000000000000000000"],
                             r"--saebench-seed 100000000000000000000000"),
+    "max memory lots": (["--saebench-max-memory=lots"],
+                        r"--saebench-max-memory: memory size 'lots': expected a number of "
+                        r"bytes or a size such as 512MiB"),
+    "chunk positions 0": (["--saebench-chunk-positions=0"],
+                          r"--saebench-chunk-positions: chunk positions 0: expected a "
+                          r"positive integer"),
 }
 ARGPARSE_ERRORS = {"tokens abc": "--saebench-tokens=abc", "seed 1.5": "--saebench-seed=1.5"}
 

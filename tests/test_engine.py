@@ -95,7 +95,8 @@ def test_prefix_cached_pass_equals_the_full_pass(hook):
     full = model.run_with_hooks(tokens, fwd_hooks=splice_hooks([d]))
     _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pre"])
     d = wrap(Scaled(), model, hook)
-    suffix = engine._suffix_pass(model, cache, tokens, 1, splice_hooks([d]))
+    suffix = engine.unembed(model, engine._suffix_pass(model, cache, tokens, 1,
+                                                       splice_hooks([d])))
     torch.testing.assert_close(suffix, full, atol=1e-5, rtol=1e-5)
 
 
@@ -112,7 +113,8 @@ def test_token_independent_ablation_shortcut_equals_the_plain_pass(kind, hook):
     means = engine.mean_activations(model, tokens, [hook], options) if kind == "mean" else {}
     _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre",
                                                           "blocks.1.hook_resid_pre"])
-    shortcut = engine._ablated_logits(model, cache, tokens, (hook,), kind, means, {})
+    shortcut = engine.unembed(model, engine._ablated_residual(model, cache, tokens, (hook,),
+                                                              kind, means, {}))
     assert shortcut.shape[0] == 1
     plain = model.run_with_hooks(tokens, fwd_hooks=ablation_hooks(hook, kind,
                                                                   mean=means.get(hook)))
@@ -264,7 +266,7 @@ def test_a_stacked_sweep_gives_the_numbers_of_one_suffix_per_dictionary(per_stac
     model = tiny_model(seed=2)
     tokens = tokens_for(model, 5, 2)
     hook = "blocks.1.hook_resid_pre"
-    budget = per_stack * 4 * model.cfg.n_ctx * model.cfg.d_vocab * 4  # logits of 4 rows each
+    budget = per_stack * engine._copy_bytes(model, tokens[:4])  # a copy of 4 rows each
 
     class Shrunk(Identity):
         def __init__(self, scale: float) -> None:
