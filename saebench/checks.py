@@ -41,7 +41,7 @@ from saebench.metrics.registry import (
     get_metric,
     margin_over_random,
 )
-from saebench.splice import Dictionary, FeatureEdit, position_mask, random_like
+from saebench.splice import Dictionary, FeatureEdit, hook_layer, position_mask, random_like
 from saebench.stats import Summary, bootstrap_interval, summarize
 from saebench.suite import (
     MARGIN_TARGETS,
@@ -77,6 +77,15 @@ class RunSettings:
 
 Status = Callable[[str], None]
 """A callback told, as a short text, how far a computation is."""
+
+
+class Outcome(NamedTuple):
+    """A computed check: its result `row`, its side-table rows by file name (`extra`) and
+    its per-sequence `terms` (float64 arrays), as the plugin writes them."""
+
+    row: dict[str, Any]
+    extra: dict[str, list[dict[str, Any]]]
+    terms: dict[str, Any]
 
 
 class Problem(NamedTuple):
@@ -396,6 +405,39 @@ class SuiteRun:
         errors = [p for p in found if p.verdict == "error"]
         return (errors or found or [None])[0]
 
+    def prefix_group(self, check: Check) -> str:
+        """The checks sharing a clean prefix share this name (`suite:data:Llayer`): the same
+        suite (model), data (the tokens, or a task) and first spliced layer. Shards and
+        xdist workers take whole groups (`saebench.shards`)."""
+        hooks = [h for n in check.dictionaries if n in self.infos
+                 for h in self.infos[n].write_hooks]
+        layer = min((hook_layer(h) for h in hooks), default=0)
+        return f"{self.suite.name}:{check.task or 'tokens'}:L{layer}"
+
+    def prefix_costs(self, checks: Iterable[Check]) -> dict[str, int]:
+        """The estimated cost of each prefix group among `checks`, in token-layers (passes x
+        layers x tokens): the clean pass over the group's data once, plus a suffix pass from
+        the group's layer per distinct engine request its checks read."""
+        n_layers = self.model.cfg.n_layers if self.model is not None else 1
+        costs: dict[str, int] = {}
+        requests: dict[str, set[tuple]] = defaultdict(set)
+        for check in checks:
+            group = self.prefix_group(check)
+            n_tokens = self._n_tokens(check.task)
+            costs.setdefault(group, n_layers * n_tokens)
+            layer = int(group.rpartition(":L")[2])
+            for key in self._keys(check):
+                if key not in requests[group]:
+                    requests[group].add(key)
+                    costs[group] += max(n_layers - layer, 1) * n_tokens
+        return costs
+
+    def _n_tokens(self, task: str | None) -> int:
+        """How many tokens a run over `task` (None: the token data) reads; 1 when unknown."""
+        if task is None:
+            return self.tokens.numel() if self.tokens is not None else 1
+        return max(sum(self._prompt_lengths.get(task, [])), 1)
+
     # -- computing -------------------------------------------------------------------
 
     def _seed(self, check: Check) -> int:
@@ -692,6 +734,18 @@ class SuiteRun:
             check, **values, n=summary.n, verdict=verdict, message=message,
             parts=json.dumps(summary.parts, sort_keys=True),
             started_at=started, duration_s=duration())
+
+    def outcome(self, check: Check) -> Outcome:
+        """Everything a finished check writes: its row, side tables and stored terms
+        (computing its request if needed). Picklable, so a Ray task can return it."""
+        row = self.result(check)
+        terms = {k: v.double().cpu().numpy() for k, v in self.terms_of(check).items()}
+        return Outcome(row, self.extra_rows(check), terms)
+
+    def fail(self, check: Check, message: str) -> None:
+        """Record that computing `check` failed outside the engine (a lost Ray task): its
+        row becomes an error row with `message`."""
+        self._problems[f"check:{check.id}"] = Problem("error", message[:MESSAGE_LIMIT])
 
     def _summarize(self, check: Check, metric: Metric, terms: dict[str, torch.Tensor]
                    ) -> Summary:

@@ -4,6 +4,9 @@
                                                    suite file, or a packaged suite by name
     saebench report RUN_DIR                        rebuild a run's report.md and plots
     saebench gate NEW --baseline OLD               what regressed between two runs
+    saebench run toy --shard 2/3                   one shard of the checks (CI matrix, Slurm)
+    saebench run toy --ray [ADDRESS]               the check groups as Ray tasks
+    saebench merge RUN_DIR... -o RUN_DIR           merge shards' run directories into one
     saebench leaderboard RUN_DIR... -o DIR         rank dictionaries across runs
     saebench export RUN_DIR --format saebench-core -o DIR
     saebench zoo build [--dictionaries A,B] | info the embedded toy zoo
@@ -32,7 +35,9 @@ def _run(args: argparse.Namespace) -> int:
     except pytest.UsageError as err:
         print(f"saebench run: {err}", file=sys.stderr)
         return 2
-    return int(pytest.main(["-m", "eval", *suites, *args.pytest_args]))
+    shard = ["--saebench-shard", args.shard] if args.shard else []
+    ray = ["--saebench-ray", args.ray] if args.ray is not None else []
+    return int(pytest.main(["-m", "eval", *suites, *shard, *ray, *args.pytest_args]))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -79,7 +84,7 @@ def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `saebench` command."""
-    from saebench import gate, leaderboard, saebench_core
+    from saebench import gate, leaderboard, merge, saebench_core
     from saebench.zoo.paths import ARTIFACTS
 
     parser = argparse.ArgumentParser(
@@ -91,11 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run suites' checks (the same items and reports as "
-                                          "`pytest -m eval SUITE`)")
+                                          "`pytest -m eval SUITE`)", allow_abbrev=False,
+                              epilog="Any further argument is passed to pytest, e.g. -k resid "
+                                     "--saebench-baseline DIR.")
     run.add_argument("suites", nargs="+", metavar="SUITE",
                      help="suite files, or packaged suites by name (toy)")
-    run.add_argument("pytest_args", nargs=argparse.REMAINDER, metavar="...",
-                     help="further pytest options, e.g. -k resid --saebench-baseline DIR")
+    run.add_argument("--shard", default=None, metavar="I/N",
+                     help="run shard I of N of the checks (then `saebench merge` the shards)")
+    run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="compute the check groups as Ray tasks: on the cluster at ADDRESS, "
+                          "or a local one (needs saebench[ray])")
     run.set_defaults(func=_run)
 
     report = commands.add_parser("report", help="rebuild report.md of a run from its CSV files")
@@ -113,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "Pareto plots")
     leaderboard.add_arguments(board)
     board.set_defaults(func=_lazy("saebench.leaderboard", "run"))
+
+    merge_cmd = commands.add_parser("merge", help="merge shard run directories into one run "
+                                                  "directory and build its report")
+    merge.add_arguments(merge_cmd)
+    merge_cmd.set_defaults(func=_lazy("saebench.merge", "run"))
 
     export = commands.add_parser("export", help="write a run's results in another format "
                                                 "(SAEBench core-eval JSON)")
@@ -137,5 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `saebench` console script."""
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.command != "run" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.pytest_args = rest
     return args.func(args)

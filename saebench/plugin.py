@@ -13,7 +13,9 @@ worker), and each finished check is appended to `reports/<run-id>/results.csv`;
     pytest -m eval                                  # every suite under suites/
     pytest -m eval --suite my_saes.yaml -k resid    # one suite, a selection of its checks
     pytest -m eval -n 2                             # pytest-xdist workers share one run dir
-    pytest -m eval -n 4 --saebench-device cuda      # on 4 GPUs: a GPU per worker
+    pytest -m eval -n 4 --dist loadgroup --saebench-devices cuda:0,cuda:1,cuda:2,cuda:3
+    pytest -m eval --saebench-shard 2/3             # one shard (`saebench merge` them)
+    pytest -m eval --saebench-ray                   # prefix groups as Ray tasks
 """
 
 from __future__ import annotations
@@ -77,6 +79,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "512MB or bytes (default 1GiB); results do not depend on it")
     group.addoption("--saebench-chunk-positions", type=int, default=None, metavar="N",
                     help="positions per chunk of logits (overrides --saebench-max-memory)")
+    group.addoption("--saebench-shard", default=None, metavar="I/N",
+                    help="run shard I of N (1 <= I <= N): a balanced, deterministic share of "
+                         "the selected checks, whole prefix groups; merge the shards' run "
+                         "directories with `saebench merge`")
+    group.addoption("--saebench-devices", default=None, metavar="LIST",
+                    help="comma-separated devices for pytest-xdist workers, dealt round "
+                         "robin (cuda:0,cuda:1): worker gwN runs on the N-th modulo their "
+                         "number; without xdist, the first")
+    group.addoption("--saebench-ray", nargs="?", const="local", default=None,
+                    metavar="ADDRESS", help="compute each prefix group of checks as a Ray "
+                    "task: on the cluster at ADDRESS (auto, ray://host:port), or on a local "
+                    "cluster started for the run (no ADDRESS); needs saebench[ray]")
+    group.addoption("--saebench-ray-gpus", type=float, default=None, metavar="N",
+                    help="GPUs a Ray task requests (default: 1 when the cluster has GPUs, "
+                         "else 0)")
+    group.addoption("--saebench-ray-cpus", type=float, default=1.0, metavar="N",
+                    help="CPUs a Ray task requests (default 1)")
     parser.addini("saebench_suite_dirs", "directories whose YAML files are suites",
                   type="paths", default=[])
 
@@ -89,6 +108,28 @@ def _check_options(config: pytest.Config) -> None:
     if device is not None and not _DEVICE_RE.match(device):
         raise pytest.UsageError(f"--saebench-device {device!r}: expected cpu, cuda, cuda:N "
                                 "or mps")
+    devices = opt("--saebench-devices")
+    if devices is not None:
+        if device is not None:
+            raise pytest.UsageError("--saebench-device and --saebench-devices: give one")
+        bad = [d for d in workers.device_list(devices) if not _DEVICE_RE.match(d)]
+        if bad or not workers.device_list(devices):
+            raise pytest.UsageError(f"--saebench-devices {devices!r}: expected a comma-"
+                                    "separated list of cpu, cuda, cuda:N or mps")
+    if opt("--saebench-ray") is not None and (opt("dist", "no") != "no"
+                                             or hasattr(config, "workerinput")):
+        raise pytest.UsageError("--saebench-ray and pytest-xdist (-n): use one; Ray spreads "
+                                "the groups itself")
+    for name in ("--saebench-ray-gpus", "--saebench-ray-cpus"):
+        if opt(name) is not None and opt(name) < 0:
+            raise pytest.UsageError(f"{name} {opt(name)}: expected a number >= 0")
+    if opt("--saebench-shard") is not None:
+        from saebench.shards import parse_shard
+
+        try:
+            parse_shard(opt("--saebench-shard"))
+        except ValueError as err:
+            raise pytest.UsageError(f"--saebench-shard {err}") from None
     if dtype is not None and dtype.removeprefix("torch.") not in DTYPES:
         raise pytest.UsageError(f"--saebench-dtype {dtype!r}: expected one of "
                                 f"{', '.join(DTYPES)}")
@@ -149,6 +190,8 @@ class _State:
         self.measured = 0
         self.progress = GroupProgress(config, "off" if self.is_worker
                                       else opt("--saebench-progress"))
+        self.dispatcher: Any = None
+        self.connected = False
 
     @functools.cached_property
     def settings(self):
@@ -190,6 +233,48 @@ class _State:
             except ValueError as err:
                 raise pytest.UsageError(f"--saebench-baseline {target}: {err}") from None
         return self.baselines[suite.path]
+
+    def outcome(self, run, item: CheckItem):
+        """The computed `checks.Outcome` of `item`'s check: from its group's Ray task under
+        `--saebench-ray` (an error row when the task was lost), else computed here."""
+        check = item.check
+        if self.dispatcher is None:
+            if not self.is_worker:
+                self.compute_group(run, item.suite, check, item.nodeid)
+            return run.outcome(check)
+        key = (item.suite.path, item.prefix_group)
+        if key not in self.dispatcher.finished:
+            label = f"{item.suite.name}::{item.prefix_group} (a Ray task)"
+            with self.progress.group(label, len(self.dispatcher.checks[key]), item.nodeid):
+                self.dispatcher.outcomes(key)
+        done = self.dispatcher.outcomes(key)
+        if isinstance(done, str) or check.id not in done:
+            run.fail(check, done if isinstance(done, str) else
+                     f"the Ray task of {item.prefix_group} returned no row for {check.id}")
+            return run.outcome(check)
+        return done[check.id]
+
+    def submit(self, items: list[pytest.Item]) -> None:
+        """Under `--saebench-ray`: submit every prefix group of the selected checks that
+        are not resumed as one Ray task each, in the order their first check runs."""
+        from saebench.remote import Dispatcher, connect
+
+        opt = self.config.getoption
+        try:
+            ray, self.connected = connect(opt("--saebench-ray"))
+        except ImportError as err:
+            raise pytest.UsageError(str(err)) from None
+        except ConnectionError as err:
+            raise pytest.UsageError(f"--saebench-ray {opt('--saebench-ray')}: cannot reach "
+                                    f"a Ray cluster ({err})") from None
+        self.dispatcher = Dispatcher(ray, opt("--saebench-ray-gpus"), opt("--saebench-ray-cpus"))
+        groups: dict[tuple, list[str]] = {}
+        for item in items:
+            if isinstance(item, CheckItem) and self.reusable(
+                    self.suite_run(item.suite), item.check) is None:
+                groups.setdefault((item.suite.path, item.prefix_group), []).append(item.check.id)
+        for (path, group), ids in groups.items():
+            self.dispatcher.submit((path, group), group, path, self.settings, ids)
 
     def compute_group(self, run, suite, check, nodeid: str) -> None:
         """Compute the selected checks of `check`'s group (its dictionary or spliced set)
@@ -309,9 +394,11 @@ class SuiteFile(pytest.File):
             raise self.CollectError(problem)
         try:
             suite = load_suite(self.path)
-            self.config.stash[STATE].suite_run(suite).prepare()
+            run = self.config.stash[STATE].suite_run(suite)
+            run.prepare()
         except (SuiteError, ValueError) as err:
             raise self.CollectError(str(err)) from None
+        self.groups = {c.id: run.prefix_group(c) for c in suite.checks}
         scopes: dict[str, list] = {}
         for check in suite.checks:
             scope, sep, _ = check.id.partition("::")
@@ -352,6 +439,7 @@ class CheckItem(pytest.Item):
         self.suite = suite
         self.check = check
         self.add_marker(pytest.mark.eval)
+        self.add_marker(pytest.mark.xdist_group(self.prefix_group))
         if check.expect == "fail":
             self.add_marker(pytest.mark.xfail(
                 reason="expect: fail (the gate must reject this)", strict=True,
@@ -367,6 +455,15 @@ class CheckItem(pytest.Item):
         return cls.from_parent(parent, name=name, nodeid=f"{parent.nodeid}::{name}",
                                suite=suite, check=check)
 
+    def session_file(self) -> SuiteFile:
+        """The suite file this check was collected from."""
+        return next(n for n in self.iter_parents() if isinstance(n, SuiteFile))
+
+    @property
+    def prefix_group(self) -> str:
+        """The checks sharing this check's clean prefix share this name (`saebench.shards`)."""
+        return self.session_file().groups[self.check.id]
+
     def runtest(self) -> None:
         from saebench import results
 
@@ -374,15 +471,14 @@ class CheckItem(pytest.Item):
         run = state.suite_run(self.suite)
         row = state.reusable(run, self.check)
         fresh = row is None
-        if fresh:
-            if not state.is_worker:
-                state.compute_group(run, self.suite, self.check, self.nodeid)
-            row = run.result(self.check)
+        outcome = state.outcome(run, self) if fresh else None
+        if outcome is not None:
+            row = outcome.row
             row["resumed"] = "recomputed" if self.check.id in state.seen else ""
-            results.write_terms(state.run, self.check.id, run.terms_of(self.check))
-        new_baseline = self._compare(state, run, row)
+            results.write_terms(state.run, self.check.id, outcome.terms)
+        new_baseline = self._compare(state, row, outcome)
         if fresh or row["resumed"] == "re-judged":
-            extra = run.extra_rows(self.check) if fresh else {}
+            extra = outcome.extra if outcome is not None else {}
             results.append_rows(state.run.results, [{**row, "run_id": state.run_id}])
             for name, rows in extra.items():
                 if rows:
@@ -403,9 +499,10 @@ class CheckItem(pytest.Item):
                                f"this run's rows are written to {new_baseline} at its end, "
                                "run again to compare")
 
-    def _compare(self, state: _State, run, row: dict) -> Path | None:
-        """Judge `row` against the suite's baseline, in place; the baseline directory to
-        write when there is none yet (None otherwise, or without --saebench-baseline)."""
+    def _compare(self, state: _State, row: dict, outcome) -> Path | None:
+        """Judge `row` against the suite's baseline, in place, with the terms of `outcome`
+        (the stored ones for a resumed row); the baseline directory to write when there is
+        none yet (None otherwise, or without --saebench-baseline)."""
         import pandas as pd
 
         from saebench import checks, gate, results
@@ -417,7 +514,7 @@ class CheckItem(pytest.Item):
             if state.update_baseline:
                 return None
             return gate.locate(Path(state.baseline_path), self.suite.name)
-        terms = (run.terms_of(self.check) if row["resumed"] != "reused"
+        terms = (outcome.terms if outcome is not None
                  else results.read_terms(state.run, self.check.id))
         absolute, relative = self.check.tolerance
         comparison = gate.compare(row, baseline.row(self.check.id), terms,
@@ -443,17 +540,63 @@ class CheckItem(pytest.Item):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Remember the selected checks of each suite, so one engine run serves them all."""
-    selected = config.stash[STATE].selected
+    """Keep this shard's checks (`--saebench-shard`), and remember the selected checks of
+    each suite, so one engine run serves them all."""
+    state: _State = config.stash[STATE]
+    if config.getoption("--saebench-shard") is not None:
+        _keep_shard(config, items)
     for item in items:
         if isinstance(item, CheckItem):
-            selected.setdefault(item.suite.path, []).append(item.check)
+            state.selected.setdefault(item.suite.path, []).append(item.check)
+    if config.getoption("--saebench-ray") is not None and not config.getoption("collectonly"):
+        state.submit(items)
+    if state.is_worker and getattr(config.option, "loadgroup", False):
+        workers.write_groups(state.run_dir, {i.nodeid: i.prefix_group for i in items
+                                             if isinstance(i, CheckItem)})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: a prefix group's checks go to one worker (`workers.GROUPS_FILE`)."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    return workers.group_scheduler(config.stash[STATE].run_dir)(config, log)
+
+
+def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the checks of other shards, in place, and record in the run directory which
+    shard this is and every selected check in order (`saebench merge` checks the shards
+    against it). Other items than checks are left to every shard."""
+    from saebench import results, shards
+
+    state: _State = config.stash[STATE]
+    shard = shards.parse_shard(config.getoption("--saebench-shard"))
+    checks = [item for item in items if isinstance(item, CheckItem)]
+    costs: dict[str, int] = {}
+    for path in dict.fromkeys(item.suite.path for item in checks):
+        run = state.runs[path]
+        costs |= run.prefix_costs(item.check for item in checks if item.suite.path == path)
+    assigned = shards.assign(costs, shard.count)
+    dropped = [i for i in checks if assigned[i.prefix_group] != shard.index]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        gone = set(map(id, dropped))
+        items[:] = [item for item in items if id(item) not in gone]
+    record = {"shard": str(shard), "index": shard.index, "count": shard.count,
+              "groups": {g: assigned[g] for g in sorted(costs)},
+              "costs": {g: costs[g] for g in sorted(costs)},
+              "checks": [[i.suite.name, i.check.id] for i in checks]}
+    if not config.getoption("collectonly"):
+        state.run_dir.mkdir(parents=True, exist_ok=True)
+        results.atomic_write(state.run_dir / shards.SHARD_FILE, json.dumps(record, indent=1))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     from saebench import report
 
     state: _State = session.config.stash[STATE]
+    if state.connected:
+        state.dispatcher.ray.shutdown()  # leaves the cluster; a local one stops with it
     if state.is_worker or not state.run.results.is_file():
         return
     if state.baseline_path is not None:

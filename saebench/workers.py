@@ -3,18 +3,60 @@
 xdist pays off only with a device per worker: each worker loads the model and computes
 every check alone (a serial run computes a dictionary's checks together), so on a CPU, or
 with fewer GPUs than workers, it is slower than a serial run. With `--saebench-device cuda`
-(or the default) on several GPUs, worker `gwN` runs on `cuda:{N % n_gpus}`. This module
-imports torch only when it must count devices.
+(or the default) on several GPUs, worker `gwN` runs on `cuda:{N % n_gpus}`;
+`--saebench-devices cuda:0,cuda:2` deals the listed devices out round robin instead. Each
+check carries its prefix group as an `xdist_group` mark, and with `--dist loadgroup` a
+group's checks go to one worker, which computes their clean prefix once:
+
+    pytest -m eval -n 4 --dist loadgroup --saebench-devices cuda:0,cuda:1,cuda:2,cuda:3
+
+xdist's own grouping renames node ids, which pytest >= 9.2 ignores (pytest-xdist issue
+1386), so saebench schedules `loadgroup` itself (`GroupScheduling`): the workers write
+which group each check's node id belongs to into the run directory when they collect
+(`GROUPS_FILE`), and the controller reads it when it deals the work out.
+
+This module imports torch only when it must count devices.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 
 from saebench.discovery import SUITE_SUFFIXES, selects_suites, suite_dirs
+
+GROUPS_FILE = ".xdist-groups.json"
+"""Node id -> prefix group of every collected check, written by the xdist workers."""
+
+
+def write_groups(run_dir: Path, groups: dict[str, str]) -> None:
+    """Record the prefix group of each check's node id for the controller's scheduler."""
+    from saebench.results import atomic_write
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / GROUPS_FILE, json.dumps(groups))
+
+
+def group_scheduler(run_dir: Path) -> type:
+    """An xdist `LoadGroupScheduling` whose scope of a check is its prefix group as the
+    workers recorded it in `run_dir` (other tests are grouped as xdist groups them)."""
+    from xdist.scheduler import LoadGroupScheduling
+
+    class GroupScheduling(LoadGroupScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                path = run_dir / GROUPS_FILE
+                self.groups = json.loads(path.read_text()) if path.is_file() else {}
+            group = self.groups.get(nodeid)
+            return f"saebench:{group}" if group else super()._split_scope(nodeid)
+
+    return GroupScheduling
 
 
 class SaebenchWarning(UserWarning):
@@ -22,11 +64,31 @@ class SaebenchWarning(UserWarning):
     `saebench.workers.SaebenchWarning`)."""
 
 
+def device_list(text: str) -> list[str]:
+    """The devices of `--saebench-devices`: `"cuda:0, cuda:1"` -> ["cuda:0", "cuda:1"]."""
+    return [d.strip() for d in text.split(",") if d.strip()]
+
+
+def listed_device(devices: list[str], worker_id: str | None) -> str:
+    """The device of xdist worker `worker_id` (`gwN`) among `devices`, round robin: the N-th
+    modulo their number; the first outside xdist.
+
+        >>> listed_device(["cuda:0", "cuda:1"], "gw3")
+        'cuda:1'
+    """
+    match = re.fullmatch(r"gw(\d+)", worker_id or "")
+    return devices[int(match[1]) % len(devices) if match else 0]
+
+
 def device(config: pytest.Config) -> str | None:
-    """The device this process runs suites on: `--saebench-device`, or on an xdist worker
-    with several CUDA devices its own one (`worker_device`)."""
+    """The device this process runs suites on: its share of `--saebench-devices`, else
+    `--saebench-device`, or on an xdist worker with several CUDA devices its own one
+    (`worker_device`)."""
     requested = config.getoption("--saebench-device")
     worker = getattr(config, "workerinput", None)
+    listed = config.getoption("--saebench-devices")
+    if listed is not None:
+        return listed_device(device_list(listed), worker and worker["workerid"])
     if worker is None or requested not in (None, "cuda"):
         return requested
     import torch
@@ -51,11 +113,17 @@ def warn_if_shared(config: pytest.Config) -> None:
     n_workers = _xdist_workers(config)
     if not n_workers or config.getoption("collectonly") or not _may_collect_suites(config):
         return
-    import torch
+    listed = config.getoption("--saebench-devices")
+    if listed is not None:
+        distinct = list(dict.fromkeys(device_list(listed)))
+        shared = (None if len(distinct) >= n_workers else
+                  f"{len(distinct)} device(s) ({', '.join(distinct)}) for {n_workers} workers")
+    else:
+        import torch
 
-    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    shared = shared_device(config.getoption("--saebench-device"), n_workers, n_cuda,
-                           torch.backends.mps.is_available())
+        n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        shared = shared_device(config.getoption("--saebench-device"), n_workers, n_cuda,
+                               torch.backends.mps.is_available())
     if shared is not None:
         warnings.warn(SaebenchWarning(
             f"the xdist workers share {shared}: xdist is slower there, as each worker loads "

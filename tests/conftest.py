@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toys import MINI_SUITE, run_suite
 
 # matplotlib is imported once for the session: pytester's in-process runs drop the modules
 # first imported inside them, and a second import of matplotlib mixes two copies of its
@@ -32,3 +33,13 @@ def no_grad_one_thread():
     with torch.no_grad():
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def mini_serial(tmp_path_factory):
+    """The mini suite run serially: its run directory."""
+    where = tmp_path_factory.mktemp("mini")
+    (where / "mini.yaml").write_text(MINI_SUITE)
+    run_suite(where, "serial")
+    (run_dir,) = (where / "serial").iterdir()
+    return run_dir

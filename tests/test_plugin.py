@@ -161,13 +161,26 @@ def test_hub_suites_are_skipped_with_a_reason_offline(pytester, monkeypatch):
     out.stdout.fnmatch_lines(["*needs a model or dataset hub*no network*"])
 
 
-def test_xdist_gives_the_same_rows_as_a_serial_run(pytester, suite_dir):
+def test_xdist_gives_the_same_rows_as_a_serial_run_a_group_per_worker(pytester, suite_dir):
+    pytester.makefile(".yaml", mini=SUITE.replace(
+        "  poor: {zoo: resid-L2-poor}\n", "  poor: {zoo: resid-L2-poor}\n  early: {zoo: "
+        "resid-L1-topk16}\n").replace("dictionaries: [good, poor]", "dictionaries: [good, "
+                                       "poor, early]"))
     serial = pytester.runpytest_subprocess("-m", "eval", "mini.yaml",
                                            "--saebench-report-dir=serial")
-    serial.assert_outcomes(passed=3, failed=1, xfailed=1)
-    parallel = pytester.runpytest_subprocess("-m", "eval", "mini.yaml", "-n", "2",
+    serial.assert_outcomes(passed=4, failed=1, xfailed=1)
+    parallel = pytester.runpytest_subprocess("-m", "eval", "mini.yaml", "-n", "2", "-v",
+                                             "--dist", "loadgroup",
                                              "--saebench-report-dir=parallel")
-    parallel.assert_outcomes(passed=3, failed=1, xfailed=1)
+    parallel.assert_outcomes(passed=4, failed=1, xfailed=1)
+    ran = re.findall(r"\[(gw\d)\].* (?:PASSED|FAILED|XFAIL) mini.yaml::(\w+)::",
+                     parallel.stdout.str())
+    layer = {"good": "L2", "poor": "L2", "early": "L1"}
+    workers: dict[str, set[str]] = {}
+    for worker, dictionary in ran:
+        workers.setdefault(layer[dictionary], set()).add(worker)
+    assert len(ran) == 6 and set(workers) == {"L1", "L2"}
+    assert all(len(w) == 1 for w in workers.values())  # each prefix group on one worker
     frames = []
     for name in ("serial", "parallel"):
         (run_dir,) = (pytester.path / name).iterdir()

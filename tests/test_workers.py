@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from saebench.workers import shared_device, worker_device
+from saebench.workers import device_list, listed_device, shared_device, worker_device
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.mark.parametrize(("requested", "worker_id", "n_cuda", "expected"), [
@@ -34,3 +36,24 @@ def test_each_xdist_worker_gets_a_gpu_of_its_own(requested, worker_id, n_cuda, e
 def test_the_xdist_warning_names_the_shared_device(requested, n_workers, n_cuda, mps,
                                                    expected):
     assert shared_device(requested, n_workers, n_cuda, mps) == expected
+
+
+@pytest.mark.parametrize(("devices", "worker_id", "expected"), [
+    ("cuda:0,cuda:1", "gw0", "cuda:0"),
+    ("cuda:0,cuda:1", "gw3", "cuda:1"),
+    ("cuda:2, cuda:0, cuda:1", "gw4", "cuda:0"),
+    ("cuda:1,cuda:3", None, "cuda:1"),  # not an xdist worker: the first
+])
+def test_listed_devices_are_dealt_round_robin(devices, worker_id, expected):
+    assert listed_device(device_list(devices), worker_id) == expected
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--saebench-devices", "cuda:0,gpu1"], "--saebench-devices 'cuda:0,gpu1': expected"),
+    (["--saebench-devices", " , "], "expected a comma-separated list"),
+    (["--saebench-devices", "cpu", "--saebench-device", "cpu"], "give one"),
+])
+def test_bad_device_lists_are_usage_errors(pytester, args, message):
+    out = pytester.runpytest_inprocess(*args)
+    assert out.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in out.stderr.str()

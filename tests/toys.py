@@ -7,6 +7,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -69,3 +74,48 @@ class Scaled(Identity):
 
     def decode(self, f):
         return lossy(f)
+
+
+MINI_SUITE = """\
+suite: mini
+model: zoo
+data: {source: zoo, n_tokens: 1024}
+tasks: {quote: {zoo: closing_quote}}
+dictionaries:
+  good: {zoo: resid-L2-topk16}
+  poor: {zoo: resid-L2-poor}
+  early: {zoo: resid-L1-topk16}
+  mlp: {zoo: transcoder-L3}
+defaults:
+  options: {n_boot: 50, batch_size: 16}
+checks:
+  - metric: ce_loss_recovered
+    dictionaries: [good, early, mlp]
+    options: {ablation: zero}
+    threshold: ">= 0.5"
+  - metric: l0
+    dictionaries: [good, poor]
+    threshold: "<= 20"
+  - metric: logit_diff_recovered
+    dictionaries: [good, early]
+    task: quote
+    threshold: ">= 0.5"
+  - metric: feature_ablation
+    dictionaries: [early]
+    task: quote
+    options: {k: 2}
+"""
+"""A suite of five prefix groups (tokens at layers 1, 2 and 3, a task at layers 1 and 2),
+with per-prompt and feature tables: what shards, merges and Ray runs are compared on."""
+
+
+def run_suite(where: Path, out: str, *args: str) -> None:
+    """Run the suite `where/mini.yaml` in a fresh process with one torch thread (so values
+    are bit-identical between processes), writing its run directory under `where/out`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", "mini.yaml", "-q",
+                           "-p", "no:cacheprovider", f"--saebench-report-dir={out}", *args],
+                          cwd=where, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
