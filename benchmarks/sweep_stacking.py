@@ -4,8 +4,8 @@ The toy zoo's layer-2 residual SAEs (k = 4, 8, 16, 32, and the poor one) are eva
 the same held-out tokens for the downstream metrics (CE loss score, KL, next-token
 agreement), with `stack=True` (one stacked spliced pass per batch) or `stack=False` (one
 spliced pass per SAE). The script times its own `evaluate` calls (model and dictionaries
-loaded once, `--repeats` calls, median) and prints them; `farm-bench` pairs the whole
-processes for the headline ratio (see benchmarks/RESULTS.md).
+loaded once, `--repeats` calls, median) and prints them; the headline ratio pairs whole
+processes, `--stack on` against `--stack off` (see benchmarks/RESULTS.md).
 
     python benchmarks/sweep_stacking.py --stack on --tokens 16384 --repeats 3
 """
