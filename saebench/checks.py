@@ -409,10 +409,14 @@ class SuiteRun:
         """The checks sharing a clean prefix share this name (`suite:data:Llayer`): the same
         suite (model), data (the tokens, or a task) and first spliced layer. Shards and
         xdist workers take whole groups (`saebench.shards`)."""
+        return f"{self.suite.name}:{check.task or 'tokens'}:L{self._first_layer(check)}"
+
+    def _first_layer(self, check: Check) -> int:
+        """The earliest layer `check`'s dictionaries write at (0 where a format does not say
+        before loading)."""
         hooks = [h for n in check.dictionaries if n in self.infos
                  for h in self.infos[n].write_hooks]
-        layer = min((hook_layer(h) for h in hooks), default=0)
-        return f"{self.suite.name}:{check.task or 'tokens'}:L{layer}"
+        return min((hook_layer(h) for h in hooks), default=0)
 
     def prefix_costs(self, checks: Iterable[Check]) -> dict[str, int]:
         """The estimated cost of each prefix group among `checks`, in token-layers (passes x
@@ -425,11 +429,10 @@ class SuiteRun:
             group = self.prefix_group(check)
             n_tokens = self._n_tokens(check.task)
             costs.setdefault(group, n_layers * n_tokens)
-            layer = int(group.rpartition(":L")[2])
             for key in self._keys(check):
                 if key not in requests[group]:
                     requests[group].add(key)
-                    costs[group] += max(n_layers - layer, 1) * n_tokens
+                    costs[group] += max(n_layers - self._first_layer(check), 1) * n_tokens
         return costs
 
     def _n_tokens(self, task: str | None) -> int:
