@@ -9,8 +9,8 @@
 
 One row per (dictionary, metric, options), with the columns of a suite's result row
 (`saebench.results.RESULT_COLUMNS`): the value, its 95% bootstrap interval over sequences,
-n, a verdict of the statistic (`ok`, `unstable`, `nan`, `empty`; no threshold is judged
-here) with its reason in `message`, the raw parts of ratios, the dictionary's identity and
+n, a verdict (`measured`: no threshold is judged here; or the statistic's `unstable`,
+`nan`, `empty`) with its reason in `message`, the raw parts of ratios, the dictionary's identity and
 provenance (library versions, device, dtype, token-set hash, seed), plus `error_term`.
 """
 
@@ -27,6 +27,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from saebench import chunks, engine, plan, results
+from saebench.identity import entry_identity, model_hash, module_hash, set_identity
 from saebench.metrics.registry import METRICS, Metric, Site, get_metric
 from saebench.splice import Dictionary, FeatureEdit, as_dictionary
 from saebench.stats import summarize
@@ -42,11 +43,6 @@ DEFAULT_METRICS = (
 def token_set_hash(tokens: torch.Tensor) -> str:
     """A short sha256 of a token tensor's values (provenance: which tokens were evaluated)."""
     return results.short_hash(tokens.detach().to(torch.int64).cpu().numpy().tobytes())
-
-
-def model_hash(model: HookedTransformer) -> str:
-    """A short hash of the model's configuration (which model a row measured)."""
-    return results.short_hash(json.dumps(model.cfg.to_dict(), sort_keys=True, default=str))
 
 
 def provenance(model: HookedTransformer, tokens: torch.Tensor, seed: int) -> dict[str, Any]:
@@ -230,12 +226,18 @@ def evaluate(
                 options=json.dumps({**opts, **({"read": read_name} if read_name else {})},
                                    sort_keys=True),
                 value=summary.value, ci_low=summary.ci_low, ci_high=summary.ci_high,
-                n=summary.n, verdict=summary.verdict, message=summary.reason,
+                n=summary.n, verdict=_verdict(summary.verdict), message=summary.reason,
                 higher_is_better=metric.higher_is_better,
                 parts=json.dumps(summary.parts, sort_keys=True), **identity, **base))
     frame = pd.DataFrame(rows, columns=results.RESULT_COLUMNS)
     frame["error_term"] = error_term
     return frame
+
+
+def _verdict(statistic: str) -> str:
+    """A row's verdict from its statistic's (`saebench.stats`): a usable value with no
+    threshold to judge it is `measured`; `unstable`, `nan` and `empty` stay as they are."""
+    return "measured" if statistic == "ok" else statistic
 
 
 def _measurable(metric: Metric, group: tuple[Dictionary, ...], name: str) -> bool:
@@ -251,11 +253,17 @@ def _measurable(metric: Metric, group: tuple[Dictionary, ...], name: str) -> boo
 
 def _identity(group: tuple[Dictionary, ...]) -> dict[str, Any]:
     """The identity columns of a spliced set, joined with `+`: what the objects tell (an
-    object passed in has no source file, so `source` and `weights_sha256` stay empty)."""
+    object passed in has no source file, so `source` stays empty; its weights' hash is
+    that of its tensors, empty for a plain callable, which leaves `identity` empty too)."""
     def joined(values) -> str:
         return "+".join(str(v) for v in values)
 
-    return {"hook": joined(dict.fromkeys(h for d in group for h in d.write_hooks)),
+    weights = [module_hash(d.module) for d in group]
+    return {"weights_sha256": joined(weights),
+            "identity": set_identity([entry_identity({"format": d.kind, "weights": w})
+                                      if w else {} for d, w in zip(group, weights,
+                                                                    strict=True)]),
+            "hook": joined(dict.fromkeys(h for d in group for h in d.write_hooks)),
             "architecture": joined(d.architecture for d in group),
             "d_in": group[0].d_in if len(group) == 1 else None,
             "d_sae": group[0].d_sae if len(group) == 1 else None,

@@ -30,9 +30,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from saebench import engine, plan, resolve, results, tasks
-from saebench.api import model_hash, provenance
+from saebench import engine, plan, resolve, results, tasks, verdicts
+from saebench.api import provenance
 from saebench.cards import feature_cards
+from saebench.dictionaries.circuit_tracer import coverage_problem
+from saebench.identity import entry_identity, model_hash, module_hash, set_identity
 from saebench.metrics.registry import (
     RANDOM,
     Metric,
@@ -41,6 +43,7 @@ from saebench.metrics.registry import (
     get_metric,
     margin_over_random,
 )
+from saebench.options import index_problem
 from saebench.splice import Dictionary, FeatureEdit, hook_layer, position_mask, random_like
 from saebench.stats import Summary, bootstrap_interval, summarize
 from saebench.suite import (
@@ -121,15 +124,18 @@ def contradiction(row: dict[str, Any]) -> str | None:
     from saebench.suite import parse_threshold
 
     verdict = row.get("verdict")
-    if verdict not in VERDICTS:
+    if verdict not in verdicts.CHECK_VERDICTS:
         return f"unknown verdict {verdict!r}"
-    if verdict not in ("pass", "fail", "xfail", "xpass"):
+    if verdict not in verdicts.VALUED:
         return None
     values = {k: row.get(k) for k in ("value", "ci_low", "ci_high", *results.RANDOM_COLUMNS)}
     if not isinstance(values["value"], float) or not math.isfinite(values["value"]):
         return f"verdict {verdict} without a finite value"
-    if not row.get("threshold"):
-        return None if verdict in ("pass", "xpass") else f"verdict {verdict} without a threshold"
+    if verdict == "measured" or not row.get("threshold"):
+        if bool(row.get("threshold")) == (verdict == "measured"):
+            return f"verdict {verdict} {'with' if row.get('threshold') else 'without'} a " \
+                   "threshold"
+        return None
     try:
         threshold = parse_threshold(row["threshold"])
     except ValueError:
@@ -139,10 +145,6 @@ def contradiction(row: dict[str, Any]) -> str | None:
         return f"verdict {verdict}, but value {values['value']:.4g} " \
                f"{'meets' if passes else 'fails'} {threshold}"
     return None
-
-
-VERDICTS = ("pass", "fail", "xfail", "xpass", "error", "empty", "unstable", "skipped")
-"""Every verdict a result row can carry."""
 
 
 def _options(check: Check) -> dict[str, Any]:
@@ -378,6 +380,10 @@ class SuiteRun:
                 f"needs a dictionary that reads one hook and writes one; {several[0]!r} is a "
                 f"replacement model writing {len(info.write_hooks)} hooks (per_layer_error "
                 "gives its error at each)")
+        problem = problem or index_problem(
+            {**metric.options, **OPTIONS}, opts, {n: self.infos.get(n) for n in check.dictionaries},
+            where) or coverage_problem(self.suite, _entries(check), self.infos,
+                                       self.model.cfg.n_layers)
         if problem:
             self._problems[f"check:{check.id}"] = Problem("error", problem)
 
@@ -660,14 +666,32 @@ class SuiteRun:
             "metric": check.metric, "task": check.task,
             "prompts": self._task_hashes.get(check.task) if check.task else None,
             "options": {k: _jsonable(v) for k, v in sorted(opts.items())},
-            "dictionaries": [{**self.infos[n].identity, "hook": self.suite.dictionaries[n].hook}
-                             if n in self.infos else n for n in _entries(check)],
-            "model": repr(self.suite.model),
+            "dictionaries": [self.entry_identity(n) if n in self.infos else n
+                             for n in _entries(check)],
+            "model": repr(self.suite.model), "model_hash": self.provenance.get("model_hash"),
             "device": str(self.provenance.get("device")).split(":")[0],  # cuda:1 = cuda
             **{k: self.provenance.get(k) for k in ("dtype", "token_set")},
         }
         text = json.dumps(content, sort_keys=True, default=str)
         return results.short_hash(text)
+
+    def entry_identity(self, name: str) -> dict[str, Any]:
+        """A dictionary entry's identity fields (`saebench.identity`): its format, the hash of
+        its files (of its loaded tensors for a release or factory; its source before it is
+        loaded), `args:`, hook overrides and factory."""
+        spec, info = self.suite.dictionaries[name], self.infos.get(name)
+        known = info.identity if info is not None else {}
+        return entry_identity({
+            "format": spec.kind, "weights": known.get("sha256") or self._loaded_hash(name)
+            or known.get("source"), "args": spec.args or None, "hook": spec.hook,
+            "hook_out": spec.hook_out, "factory": spec.ref if spec.kind == "factory" else None})
+
+    def _loaded_hash(self, name: str) -> str:
+        """The hash of a loaded entry's tensors (every part's), "" when it is not loaded or
+        holds none."""
+        parts = self._dictionaries.get(name, ())
+        hashes = [module_hash(p.module) for p in parts]
+        return "+".join(hashes) if hashes and all(hashes) else ""
 
     def _row(self, check: Check, **fields: Any) -> dict[str, Any]:
         """A result row of `check` with the identity and provenance columns filled in."""
@@ -690,7 +714,11 @@ class SuiteRun:
             architecture=joined(lambda i: i.architecture),
             d_in=single.d_in if single else None, d_sae=single.d_sae if single else None,
             read_hook=joined(lambda i: i.read_hook), write_hook=joined(lambda i: i.write_hook),
-            weights_sha256=joined(lambda i: i.identity.get("sha256")),
+            weights_sha256="+".join(
+                (self.infos[n].identity.get("sha256") if n in self.infos else "")
+                or self._loaded_hash(n) for n in check.dictionaries),
+            identity=set_identity([self.entry_identity(n) for n in check.dictionaries
+                                   if n in self.suite.dictionaries]),
             higher_is_better=get_metric(check.metric).higher_is_better,
             fingerprint=self.fingerprint(check), **fields)
 
@@ -761,7 +789,7 @@ class SuiteRun:
         re-judged against the check's current threshold and `expect`."""
         if row.get("fingerprint") != self.fingerprint(check):
             return None
-        if row["verdict"] not in ("pass", "fail", "xfail", "xpass"):
+        if row["verdict"] not in verdicts.VALUED:
             return {**row, "resumed": "reused"}
         values = {k: row.get(k) for k in ("value", "ci_low", "ci_high", *results.RANDOM_COLUMNS)}
         verdict, message = judge(check, values, int(row["n"]), "ok", "")
@@ -810,7 +838,7 @@ def judge(check: Check, values: Mapping[str, float], n: int, stat_verdict: str,
         verdict, message = "error", f"{check.metric} could not be computed ({stat_verdict}): " \
                                     f"{reason}"
     elif check.threshold is None:
-        verdict, message = "pass", f"{shown} (no threshold)"
+        verdict, message = "measured", f"{shown} (measured: no threshold)"
     elif check.threshold.passes(values):
         verdict, message = "pass", f"{shown} meets {check.threshold}"
     else:

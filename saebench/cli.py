@@ -9,7 +9,7 @@
     saebench merge RUN_DIR... -o RUN_DIR           merge shards' run directories into one
     saebench leaderboard RUN_DIR... -o DIR         rank dictionaries across runs
     saebench export RUN_DIR --format saebench-core -o DIR
-    saebench zoo build [--dictionaries A,B] | info the embedded toy zoo
+    saebench zoo build --out DIR [--dictionaries A,B] | info   the embedded toy zoo
 
 Exit codes: 0 success; 1 a check failed or regressed (`run`, `gate`); 2 a usage or input
 error; `run` passes pytest's own codes through (4 usage, 5 nothing collected).
@@ -47,6 +47,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _zoo_build(args: argparse.Namespace) -> int:
+    from saebench.zoo.paths import build_target_problem
+
+    problem = build_target_problem(Path(args.out))
+    if problem:
+        print(f"saebench zoo build: {problem}", file=sys.stderr)
+        return 2
     from saebench.zoo.build import BuildError, BuildSettings, build, build_dictionaries
 
     settings = BuildSettings.tiny() if args.tiny else BuildSettings()
@@ -137,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = commands.add_parser("zoo", help="the embedded toy zoo").add_subparsers(
         dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     build = zoo.add_parser("build", help="rebuild the zoo deterministically from a seed")
-    build.add_argument("--out", default=str(ARTIFACTS), help="output directory")
+    build.add_argument("--out", required=True, metavar="DIR",
+                       help="output directory: new, or a zoo built before (in a source "
+                            f"checkout, {ARTIFACTS.parent.name}/{ARTIFACTS.name} rebuilds "
+                            "the packaged zoo; an installed package's zoo is refused)")
     build.add_argument("--tiny", action="store_true", help="tiny settings (a smoke test)")
     build.add_argument("--seed", type=int, default=None, help="build seed (default 0)")
     build.add_argument("--dictionaries", default=None, metavar="NAMES",

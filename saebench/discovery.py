@@ -25,7 +25,7 @@ PACKAGED = Path(__file__).parent / "suites"
 
 def packaged_suites() -> dict[str, Path]:
     """The packaged suites by name: `{"toy": .../saebench/suites/toy.yaml}`."""
-    return {p.stem: p for p in sorted(PACKAGED.glob("*.yaml"))}
+    return {p.stem: p for p in sorted(PACKAGED.glob("*.yaml"), key=lambda p: p.stem)}
 
 
 def suite_arg(arg: str) -> str:

@@ -37,13 +37,25 @@ from tabulate import tabulate
 
 from saebench import results
 from saebench.metrics.registry import Metric, get_metric
-from saebench.stats import resampled
+from saebench.stats import resampled, summarize
+from saebench.verdicts import FAILING, VALUED
 
 Z = 1.959964
 """The normal quantile of a two-sided 95% interval."""
 N_BOOT = 1000
-COMPARED = ("pass", "fail", "xfail", "xpass")
-"""Verdicts whose value was measured and may be compared with a baseline."""
+TERMS_RTOL = 1e-9
+"""How far a row's value may lie from the value its own stored terms give: both are float64
+sums of the same numbers, which differ only where numpy and torch order a sum differently
+(a few ulp, ~1e-15 relative); 1e-9 leaves room for sums of ~10^6 terms and catches any
+edit of a value or of its terms."""
+COMPARED_FACTS = {"model_hash": "model", "saebench_version": "saebench version"}
+"""Provenance a run and its baseline must share to be compared (besides the suite): numbers
+of another model, or of another saebench, are not a baseline."""
+
+
+class Incomparable(ValueError):
+    """A run and a baseline that measured different things: another suite, model or
+    saebench version (one line, naming both sides)."""
 
 
 @dataclass(frozen=True)
@@ -117,10 +129,18 @@ def compare(new_row: Mapping[str, Any], base_row: Mapping[str, Any] | None,
     terms each run stored for the check; `options` are the metric's options."""
     if base_row is None:
         return Comparison("new", message="no baseline row for this check")
-    base_value, value = float(base_row["value"]), float(new_row["value"])
-    if base_row["verdict"] not in COMPARED or not math.isfinite(base_value):
+    if base_row.get("verdict") not in (*VALUED, "error", "empty", "unstable", "skipped"):
+        return Comparison("incomparable", message=f"its baseline row has the verdict "
+                                                  f"{base_row.get('verdict')!r}, which saebench "
+                                                  "does not write")
+    base_value, value = _number(base_row.get("value")), float(new_row["value"])
+    if base_row["verdict"] not in VALUED or not math.isfinite(base_value):
         return Comparison("new", message=f"the baseline has no value for this check "
                                          f"(its verdict: {base_row['verdict']})")
+    if base_row.get("metric") != new_row["metric"]:
+        return Comparison("incomparable", message=f"its baseline row measured "
+                                                  f"{base_row.get('metric')!r}, not "
+                                                  f"{new_row['metric']!r}")
     metric = get_metric(str(new_row["metric"]))
     sign = 1.0 if metric.higher_is_better else -1.0
     delta = sign * (value - base_value)
@@ -145,21 +165,54 @@ def compare(new_row: Mapping[str, Any], base_row: Mapping[str, Any] | None,
     return Comparison(verdict, delta, low, high, base_value, method, tol, message)
 
 
+def _number(value: Any) -> float:
+    """A cell as a float; NaN for a missing or non-numeric one."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def judge(verdict: str, message: str, comparison: Comparison) -> tuple[str, str]:
     """A check's verdict from its threshold verdict and its baseline comparison, which are
-    independent: a passing check that regressed is a `regression` (one worse within noise
-    `noisy`: reported, failed only when strict); a failing one stays `fail`. The message
-    gives both, so it says which part decided.
+    independent: a passing (or measured) check that regressed is a `regression` (one worse
+    within noise `noisy`: reported, failed only when strict); a failing one stays `fail`;
+    a baseline row that cannot be compared makes the check an `error`. The message gives
+    both, so it says which part decided.
 
         >>> judge("pass", "l0 = 16 meets <= 70", Comparison("regression", message="Δ = -3"))
         ('regression', 'l0 = 16 meets <= 70; Δ = -3')
     """
-    if comparison.verdict == "new" or verdict not in COMPARED:
+    if comparison.verdict == "incomparable":
+        return "error", f"{message}; cannot compare with the baseline: {comparison.message}"
+    if comparison.verdict == "new" or verdict not in VALUED:
         return verdict, message
     message = f"{message}; {comparison.message}"
-    if verdict == "pass" and comparison.verdict in ("regression", "noisy"):
+    if verdict in ("pass", "measured") and comparison.verdict in ("regression", "noisy"):
         return comparison.verdict, message
     return verdict, message
+
+
+def terms_contradiction(row: Mapping[str, Any], terms: Mapping[str, Any] | None) -> str | None:
+    """Why a row's value is not the value its own stored terms give (an edited row or
+    terms), or None when they agree or there is nothing to check."""
+    if not terms or row.get("verdict") not in VALUED:
+        return None
+    try:
+        metric = get_metric(str(row["metric"]))
+        options = _options(row)
+        names = (metric.count_term, *metric.terms(options))
+        if not all(n in terms for n in names):
+            return None
+        tensors = {n: torch.as_tensor(np.asarray(terms[n])) for n in names}
+        value = summarize(metric, tensors, options, n_boot=0).value
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        return f"its stored terms cannot give its metric ({type(err).__name__}: {err})"
+    stated = _number(row.get("value"))
+    if math.isclose(value, stated, rel_tol=TERMS_RTOL, abs_tol=1e-12) or (
+            math.isnan(value) and math.isnan(stated)):
+        return None
+    return f"its value {stated!r} is not what its stored terms give ({value!r})"
 
 
 # --------------------------------------------------------------------------- baselines
@@ -168,10 +221,10 @@ def judge(verdict: str, message: str, comparison: Comparison) -> tuple[str, str]
 @dataclass(frozen=True)
 class Baseline:
     """A baseline: the rows (and stored terms) of a run directory, or of a trimmed copy
-    committed next to a suite, by check id."""
+    committed next to a suite, by (suite, check id)."""
 
     run: results.RunDir
-    rows: dict[str, dict[str, Any]]
+    rows: dict[tuple[str, str], dict[str, Any]]
 
     @classmethod
     def load(cls, path: Path) -> Baseline:
@@ -179,14 +232,40 @@ class Baseline:
         when there is none, ValueError when it is not a results file."""
         path = Path(path)
         run = results.RunDir(path.parent if path.is_file() else path)
-        frame = results.read_results(run.path)
-        return cls(run, {r["check_id"]: r for r in frame.to_dict("records")})
+        frame = results.read_results(path)
+        return cls(run, {results.row_key(r): r for r in frame.to_dict("records")})
 
-    def row(self, check_id: str) -> dict[str, Any] | None:
-        return self.rows.get(check_id)
+    @property
+    def suites(self) -> list[str]:
+        """The suites the baseline holds rows of, in order."""
+        return list(dict.fromkeys(suite for suite, _ in self.rows))
 
-    def terms(self, check_id: str) -> dict[str, np.ndarray] | None:
-        return results.read_terms(self.run, check_id)
+    def row(self, check_id: str, suite: str = "") -> dict[str, Any] | None:
+        return self.rows.get((suite, check_id))
+
+    def terms(self, check_id: str, suite: str = "") -> dict[str, np.ndarray] | None:
+        """The check's stored terms; `results.DamagedFile` when they cannot be read."""
+        return results.read_terms(self.run, check_id, suite)
+
+    def facts(self, suite: str) -> dict[str, list[str]]:
+        """The distinct values of `COMPARED_FACTS` among the suite's rows."""
+        rows = [r for (s, _), r in self.rows.items() if s == suite]
+        return {k: sorted({str(r.get(k) or "") for r in rows}) for k in COMPARED_FACTS}
+
+
+def incomparable(baseline: Baseline, suite: str, facts: Mapping[str, Any], where: Path
+                 ) -> str | None:
+    """Why `baseline` is not a baseline of a run of `suite` with these provenance `facts`
+    (`COMPARED_FACTS`), in one line, or None when it is."""
+    if suite not in baseline.suites:
+        held = ", ".join(repr(s) for s in baseline.suites) or "no suite"
+        return f"{where} holds rows of {held}, not of suite {suite!r}"
+    for key, what in COMPARED_FACTS.items():
+        theirs, ours = baseline.facts(suite)[key], str(facts.get(key) or "")
+        if theirs != [ours]:
+            return (f"{where} measured another {what} ({', '.join(theirs) or 'unknown'}) than "
+                    f"this run of {suite!r} ({ours or 'unknown'})")
+    return None
 
 
 def locate(path: Path, suite: str) -> Path:
@@ -198,19 +277,24 @@ def locate(path: Path, suite: str) -> Path:
     return path / suite
 
 
-def write_baseline(run: results.RunDir, target: Path, check_ids: Sequence[str] | None = None
-                   ) -> Path:
-    """Copy a run's rows (those of `check_ids`, or all) and their stored terms into the
-    baseline directory `target`, keeping the baseline's other rows: a trimmed run
-    directory (no per-prompt tables, features or report), small enough to commit."""
+def write_baseline(run: results.RunDir, target: Path,
+                   keys: Sequence[tuple[str, str]] | None = None) -> Path:
+    """Copy a run's rows (those of `keys`, (suite, check id) pairs, or all) and their stored
+    terms into the baseline directory `target`, keeping the baseline's other rows: a trimmed
+    run directory (no per-prompt tables, features or report), small enough to commit."""
     frame = results.read_results(run.path)
-    if check_ids is not None:
-        frame = frame[frame["check_id"].isin(set(check_ids))]
+    ids = list(zip(frame["suite"], frame["check_id"], strict=True))
+    if keys is not None:
+        wanted = set(keys)
+        frame = frame[[key in wanted for key in ids]]
+        ids = [key for key in ids if key in wanted]
     target.mkdir(parents=True, exist_ok=True)
     kept = pd.DataFrame(columns=frame.columns)
     if (target / results.RESULTS_FILE).is_file():
         old = results.read_results(target)
-        kept = old[~old["check_id"].isin(set(frame["check_id"]))]
+        written = set(ids)
+        kept = old[[key not in written
+                    for key in zip(old["suite"], old["check_id"], strict=True)]]
     merged = pd.concat([kept, frame], ignore_index=True) if len(kept) else frame
     if not len(merged):
         return target
@@ -219,9 +303,11 @@ def write_baseline(run: results.RunDir, target: Path, check_ids: Sequence[str] |
         staged = Path(staging) / results.RESULTS_FILE
         results.append_rows(staged, merged.to_dict("records"), columns=list(merged.columns))
         staged.replace(base.results)
-    for check_id in frame["check_id"]:
-        source, dest = run.terms_file(check_id), base.terms_file(check_id)
-        if source.is_file():
+    for suite, check_id in ids:
+        source = results.stored_terms_path(run, check_id, suite)
+        dest = base.terms_file(check_id, suite)
+        base.terms_file(check_id).unlink(missing_ok=True)  # an older saebench's name
+        if source is not None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, dest)
         else:
@@ -232,30 +318,66 @@ def write_baseline(run: results.RunDir, target: Path, check_ids: Sequence[str] |
 # --------------------------------------------------------------------------- offline gate
 
 
-FAILING = ("regression", "error", "empty", "unstable")
-"""Outcomes that fail `saebench gate` (and `noisy` with --strict)."""
+def _not_selected(new: Path, suite: str) -> str | None:
+    """How the new run's selection left checks of `suite` out (`-k resid`, `--saebench-shard
+    2/3`), or None when it selected every check of the suite (`results.SELECTION_FILE`)."""
+    selection = results.read_selection(new)
+    entry = selection.get("suites", {}).get(suite)
+    if not entry or entry.get("selected", 0) >= entry.get("total", 0):
+        return None
+    return (f"the run selected {entry['selected']} of the suite's {entry['total']} checks: "
+            f"{selection.get('how') or 'a selection'}")
 
 
-def gate_runs(new: Path, old: Path) -> pd.DataFrame:
+def _gate_row(key: tuple[str, str], row: dict[str, Any], new_base: Baseline,
+              old_base: Baseline, flag: str) -> dict[str, Any]:
+    """One check of the new run against its baseline row, as a gate table row."""
+    suite, check_id = key
+    out = {"suite": suite, "check_id": check_id}
+    if row["verdict"] not in VALUED:
+        return {**out, "vs_baseline": row["verdict"], "message": row["message"]}
+    new_terms, base_row = new_base.terms(check_id, suite), old_base.row(check_id, suite)
+    base_terms = old_base.terms(check_id, suite) if base_row is not None else None
+    for side, checked, terms in (("new", row, new_terms), ("baseline", base_row, base_terms)):
+        problem = checked is not None and terms_contradiction(checked, terms)
+        if problem:
+            return {**out, "vs_baseline": "error", "message": f"the {side} row: {problem}"}
+    tol = row.get("tolerance")
+    comparison = compare(row, base_row, new_terms, base_terms, options=_options(row),
+                         tolerance=None if pd.isna(tol) else float(tol))
+    return {**out, **comparison.columns(), "value": row["value"],
+            "message": flag + comparison.message}
+
+
+def gate_runs(new: Path, old: Path, allow_incomparable: bool = False) -> pd.DataFrame:
     """Every check of run `new` against run `old` (directories or results.csv files): one
-    row per check id of either run, with the comparison's columns; a check that the new run
-    could not measure keeps its verdict (error, empty, unstable), and one only in `old` is
-    `missing`."""
+    row per (suite, check id) of either run, with the comparison's columns.
+
+    A check that the new run could not measure keeps its verdict (error, empty, unstable);
+    one only in `old` is `missing` (failing) unless the new run's selection left it out
+    (`not selected`); a row that its own stored terms contradict is an `error`. Raises
+    `Incomparable` when the runs measured another suite, model or saebench version (unless
+    `allow_incomparable`, which compares anyway and flags every message), and
+    `results.DamagedFile` for stored terms that cannot be read.
+    """
     new_base, old_base = Baseline.load(new), Baseline.load(old)
-    rows = []
-    for check_id, row in new_base.rows.items():
-        if row["verdict"] not in COMPARED:
-            rows.append({"check_id": check_id, "vs_baseline": row["verdict"],
-                         "message": row["message"]})
+    flags = {}
+    for suite in new_base.suites:
+        facts = {k: (new_base.facts(suite)[k] or [""])[0] for k in COMPARED_FACTS}
+        problem = incomparable(old_base, suite, facts, Path(old))
+        if problem and not allow_incomparable:
+            raise Incomparable(f"{problem}; --allow-incomparable compares anyway")
+        flags[suite] = f"INCOMPARABLE ({problem}): " if problem else ""
+    rows = [_gate_row(key, row, new_base, old_base, flags[key[0]])
+            for key, row in new_base.rows.items()]
+    for suite, check_id in old_base.rows:
+        if (suite, check_id) in new_base.rows:
             continue
-        tol = row.get("tolerance")
-        comparison = compare(row, old_base.row(check_id), new_base.terms(check_id),
-                             old_base.terms(check_id), options=_options(row),
-                             tolerance=None if pd.isna(tol) else float(tol))
-        rows.append({"check_id": check_id, **comparison.columns(), "value": row["value"],
-                     "message": comparison.message})
-    rows += [{"check_id": c, "vs_baseline": "missing", "message": "in the baseline only"}
-             for c in old_base.rows if c not in new_base.rows]
+        why = _not_selected(Path(new), suite)
+        rows.append({"suite": suite, "check_id": check_id,
+                     "vs_baseline": "not selected" if why else "missing",
+                     "message": f"in the baseline only; {why}" if why else
+                     "in the baseline only: the run did not measure it"})
     return pd.DataFrame(rows)
 
 
@@ -276,23 +398,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "directory such as suites/baselines/toy)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on noisy checks too (worse beyond tolerance, within noise)")
+    parser.add_argument("--allow-incomparable", action="store_true",
+                        help="compare with a baseline of another suite, model or saebench "
+                             "version anyway (every message says so)")
 
 
 def run(args: argparse.Namespace) -> int:
     """`saebench gate`: print what regressed; 0 nothing did, 1 something regressed (or could
-    not be measured, or was noisy with --strict), 2 a usage or input error."""
+    not be measured, is missing from the run, or was noisy with --strict), 2 a usage or
+    input error (a missing or damaged file, a baseline of something else)."""
     try:
-        table = gate_runs(args.new, args.baseline)
+        table = gate_runs(args.new, args.baseline, args.allow_incomparable)
     except (FileNotFoundError, ValueError) as err:
-        print(f"saebench gate: {err}", file=sys.stderr)
+        print(f"saebench gate: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     failing = (*FAILING, "noisy") if args.strict else FAILING
-    shown = table[table["vs_baseline"].isin((*failing, "noisy", "missing"))]
+    shown = table[table["vs_baseline"].isin((*failing, "noisy", "not selected"))]
+    several = table["suite"].nunique() > 1
     if len(shown):
-        print(tabulate([[r["check_id"], r["vs_baseline"], r["message"]]
-                        for r in shown.to_dict("records")],
+        print(tabulate([[f"{r['suite']}::{r['check_id']}" if several else r["check_id"],
+                         r["vs_baseline"], r["message"]] for r in shown.to_dict("records")],
                        headers=["check", "verdict", "why"], tablefmt="github",
                        maxcolwidths=[48, 12, 90]))
     counts = table["vs_baseline"].value_counts()
     print(f"{len(table)} checks: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    flagged = table["message"].fillna("").str.extract(r"^INCOMPARABLE \((.*?)\): ")[0]
+    for problem in flagged.dropna().unique():
+        print(f"compared anyway (--allow-incomparable): {problem}")
     return 1 if table["vs_baseline"].isin(failing).any() else 0

@@ -1,17 +1,31 @@
 """`saebench leaderboard RUN_DIR_OR_CSV... -o DIR [--metric M]`: runs merged into ranked tables.
 
 Any number of inputs (run directories, results.csv files, SAEBench core-eval
-`*_eval_results.json` files or folders of them) are merged: per dictionary *identity* and
-metric key the newest row wins (by `started_at`, then input order). The identity is the
-weights' sha256 when the row has it, else its `source` when that says where the weights came
-from (`kind:reference`, as suites write it; a SAEBench import's `saebench-core:` prefix is
-dropped, so an import and a run of the same release merge), else model + dictionary name.
+`*_eval_results.json` files or folders of them) are merged into *entries*: one dictionary
+measured on one model, at one hook, on one token set. Rows are one entry only when they
+agree on `ENTRY_KEY` = model, model_hash, token_set, hook and `entry`, the dictionary's key
+(`dictionary_key`): `identity:<row identity>` (a hash of everything that makes a
+dictionary's numbers: weights, `args:`, hook overrides, factory) when the row has one. Rows
+without it (older files, SAEBench imports) fall back to the weights' sha256, else a `source`
+that says where the weights came from (`kind:reference`; a SAEBench import's
+`saebench-core:` prefix dropped), else model + dictionary name; when one run holds two
+dictionary names under one such key (the same weights under other `args:`, as a control
+with shuffled decoders), the name is added to it. An empty model_hash or token_set is a
+value of its own: a row that states none never joins one that does. Within an entry the
+newest row per metric key wins (by `started_at`, then input order).
 
-`DIR/leaderboard.md` has, per model and hook, a table ranked by one metric key (default
-`ce_loss_recovered[zero]`) with every other key beside it, the Pareto-optimal entries (L0 vs
-loss recovered and vs KL score) marked, and PNG plots next to it; `DIR/leaderboard.csv` has
-one row per entry. Entries whose difference from the one ranked just above is within noise
-share its rank (`within_noise`).
+A value is shown only when its row measured it (verdict in `saebench.verdicts.VALUED` or
+"imported"): an import read as missing (`saebench.saebench_core`) or a check that was
+`error`, `empty`, `unstable` shows "—" with a footnote saying why, and is not ranked.
+
+`DIR/leaderboard.md` (`saebench.leaderboard_markdown`) has, per model and hook, a table
+ranked by one metric key (default `ce_loss_recovered[zero]`) with every other key beside it,
+the Pareto-optimal entries (L0 vs loss recovered and vs KL score) marked, and PNG plots next
+to it; a table holding entries of different model hashes or token sets shows both and says
+so. `DIR/leaderboard.csv` has one row per entry: `CSV_COLUMNS` (the entry's key, its row
+identity, sources, which values are imported, `missing` as JSON key → reason), then value
+and interval columns per metric key. Entries whose difference from the one ranked just
+above is within noise share its rank (`within_noise`).
 
     >>> build([Path("reports/run-a"), Path("reports/run-b")], Path("board"))
     PosixPath('board/leaderboard.md')
@@ -20,39 +34,44 @@ share its rank (`within_noise`).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from itertools import count
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tabulate import tabulate
 
-from saebench.plots import family_of, frontier_plot, layer_curves, layer_of, pareto_front
-from saebench.report import format_ci, format_value
+from saebench.leaderboard_markdown import FRONTIERS, L0_KEY, render
+from saebench.plots import family_of, layer_of, pareto_front
 from saebench.results import RESULT_COLUMNS, RESULTS_FILE, atomic_write, is_missing, read_results
-from saebench.saebench_core import FILE_SUFFIX, SOURCE_PREFIX, read_core_results
+from saebench.saebench_core import (
+    FILE_SUFFIX,
+    IMPORTED_VERDICT,
+    SOURCE_PREFIX,
+    missing_reason_of,
+    read_core_results,
+)
+from saebench.verdicts import MEANINGS, VALUED
 
 DEFAULT_METRIC = "ce_loss_recovered[zero]"
-L0_KEY = "l0"
-FRONTIERS: dict[str, str] = {"ce_loss_recovered[zero]": "loss recovered",
-                             "kl_div_score[zero]": "KL score"}
-"""Metric keys drawn against L0 per hook, with their short names in tables."""
-UNCENTRED_EV = "explained_variance_uncentred"
 MARKDOWN_FILE = "leaderboard.md"
 CSV_FILE = "leaderboard.csv"
 Z95 = 1.96
-IMPORTED_MARK = "†"
-_TEXT_COLUMNS = ("check_id", "model", "dictionary", "hook", "metric", "source", "architecture",
-                 "weights_sha256", "model_hash", "run_id")
-ENTRY_COLUMNS = ["model", "hook", "dictionary", "architecture", "d_sae", "source", "imported",
-                 "identity", "model_hash", "layer", "family"]
-"""What an entry holds besides its value and interval per metric key (and rank, Pareto)."""
-_SOURCE_WIDTH = 80
+_TEXT_COLUMNS = ("suite", "check_id", "model", "dictionary", "hook", "metric", "source",
+                 "architecture", "identity", "weights_sha256", "model_hash", "token_set",
+                 "run_id", "verdict", "message")
+ENTRY_KEY = ["model", "model_hash", "token_set", "hook", "entry"]
+"""What rows must agree on to be one entry."""
+CSV_COLUMNS = ["model", "hook", "dictionary", "architecture", "d_sae", "source", "imported",
+               "entry", "identity", "model_hash", "token_set", "layer", "family", "missing"]
+"""What an entry holds besides its value and interval per metric key (and rank, Pareto):
+`entry` is its dictionary key, `identity` its newest row's identity column ("" for rows
+without one), `imported` the metric keys whose value came from SAEBench, `missing` a JSON
+object of metric key → why its value is missing."""
 
 
 class InputError(ValueError):
@@ -98,14 +117,17 @@ def metric_key(check_id: str, metric: str = "") -> str:
     return check_id[starts[-1]:] if metric and starts else check_id.rpartition("::")[2]
 
 
-def identity(row: Mapping[str, Any]) -> str:
-    """Which dictionary a row measured: `sha256:…` of its weights, else `source:…` when its
-    `source` names a location (`zoo:…`, `release:id`; not a bare class name), else
-    `name:<model>/<dictionary>`.
+def dictionary_key(row: Mapping[str, Any]) -> str:
+    """Which dictionary a row measured: `identity:…` when the row has an identity, else
+    `sha256:…` of its weights, else `source:…` when its `source` names a location (`zoo:…`,
+    `release:id`; not a bare class name), else `name:<model>/<dictionary>`.
 
-    >>> identity({"weights_sha256": "", "source": "saebench-core:gemma-scope:layer_12"})
+    >>> dictionary_key({"identity": "", "source": "saebench-core:gemma-scope:layer_12"})
     'source:gemma-scope:layer_12'
     """
+    identity = _text(row.get("identity"))
+    if identity:
+        return f"identity:{identity}"
     sha = _text(row.get("weights_sha256"))
     if sha and all(sha.split("+")):
         return f"sha256:{sha}"
@@ -126,8 +148,9 @@ def started_seconds(started: pd.Series) -> pd.Series:
 
 
 def merge(sources: Sequence[Path]) -> pd.DataFrame:
-    """The newest row per (dictionary identity, metric key) of all inputs, oldest first, with
-    `metric_key`, `identity` and `started_s` columns added. Raises InputError for no inputs."""
+    """The newest row per entry (`ENTRY_KEY`) and metric key of all inputs, oldest first,
+    with `metric_key`, `entry` and `started_s` columns added. Raises InputError for no
+    inputs."""
     if not sources:
         raise InputError("no inputs given")
     rows = pd.concat([read_source(path) for path in sources], ignore_index=True)
@@ -137,11 +160,26 @@ def merge(sources: Sequence[Path]) -> pd.DataFrame:
         rows[column] = rows[column].map(_text)
     rows["metric_key"] = [metric_key(check, name) for check, name
                           in zip(rows["check_id"], rows["metric"], strict=True)]
-    rows["identity"] = [identity(r) for r in rows.to_dict("records")]
+    rows["entry"] = _named_where_ambiguous(rows, [dictionary_key(r) for r
+                                                  in rows.to_dict("records")])
     rows["started_s"] = started_seconds(rows["started_at"])
     order = np.lexsort((np.arange(len(rows)), rows["started_s"].to_numpy()))
-    newest = rows.iloc[order].drop_duplicates(["identity", "metric_key"], keep="last")
+    newest = rows.iloc[order].drop_duplicates([*ENTRY_KEY, "metric_key"], keep="last")
     return newest.reset_index(drop=True)
+
+
+def _named_where_ambiguous(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The dictionary keys, the dictionary name added (`key#name`) to a key without identity
+    that one run (run id and suite) holds under two names: two declarations of one file,
+    which may differ in what no column of an older row records (`args:`, hook overrides)."""
+    frame = rows[["model", "model_hash", "token_set", "hook", "run_id", "suite",
+                  "dictionary"]].assign(entry=keys)
+    fallback = ~frame["entry"].str.startswith("identity:")
+    names = frame[fallback].groupby([*ENTRY_KEY, "run_id", "suite"])["dictionary"].nunique()
+    ambiguous = {key[:len(ENTRY_KEY)] for key, n in names.items() if n > 1}
+    return [f"{key}#{name}" if tuple(r) in ambiguous else key for key, name, r
+            in zip(keys, frame["dictionary"], frame[ENTRY_KEY].itertuples(index=False),
+                   strict=True)]
 
 
 # --------------------------------------------------------------------------- ranking
@@ -201,7 +239,8 @@ def _key_order(keys: Sequence[str], metric: str) -> list[str]:
 
 
 def _entry(rows: pd.DataFrame) -> dict[str, Any]:
-    """One entry (dictionary at a hook of a model) from its rows, oldest first."""
+    """One entry from its rows (newest per metric key, oldest first): its columns, and per
+    metric key the value and interval of a measured row, NaN and the reason otherwise."""
     newest = rows.iloc[-1]
     records = rows.to_dict("records")
     sources = (r["source"] or (f"run {r['run_id']}" if r["run_id"] else "") for r in records)
@@ -212,14 +251,35 @@ def _entry(rows: pd.DataFrame) -> dict[str, Any]:
         "source": "; ".join(s for s in dict.fromkeys(sources) if s),
         "imported": ";".join(r["metric_key"] for r in records
                              if r["source"].startswith(SOURCE_PREFIX)),
-        "identity": newest["identity"], "model_hash": newest["model_hash"],
+        **{c: newest[c] for c in ("entry", "identity", "model_hash", "token_set")},
         "layer": layer_of(newest["hook"]),
         "family": family_of(newest["dictionary"], newest["hook"]),
     }
+    missing = {}
     for r in records:
         key = r["metric_key"]
-        entry |= {key: r["value"], f"{key}_ci_low": r["ci_low"], f"{key}_ci_high": r["ci_high"]}
+        if r["verdict"] in (*VALUED, IMPORTED_VERDICT):
+            entry |= {key: r["value"], f"{key}_ci_low": r["ci_low"],
+                      f"{key}_ci_high": r["ci_high"]}
+        else:
+            entry |= {key: math.nan, f"{key}_ci_low": math.nan, f"{key}_ci_high": math.nan}
+            missing[key] = missing_reason(r)
+    entry["missing"] = json.dumps(missing, ensure_ascii=False) if missing else ""
     return entry
+
+
+def missing_reason(row: Mapping[str, Any]) -> str:
+    """Why a row has no value to show: an import's reason, else its verdict and what that
+    means (`saebench.verdicts.MEANINGS`).
+
+    >>> missing_reason({"verdict": "empty", "message": ""})
+    '[empty] in its run: nothing was measured'
+    """
+    imported = missing_reason_of(row)
+    if imported:
+        return f"SAEBench core file: {imported}"
+    verdict = _text(row.get("verdict")) or "no verdict"
+    return f"[{verdict}] in its run: {MEANINGS.get(verdict, 'not a measurement')}"
 
 
 def _table_order(entries: pd.DataFrame) -> list[tuple[str, str]]:
@@ -230,192 +290,28 @@ def _table_order(entries: pd.DataFrame) -> list[tuple[str, str]]:
 
 def leaderboard_table(rows: pd.DataFrame, metric: str,
                       directions: Mapping[str, bool | None]) -> pd.DataFrame:
-    """One row per entry (model, hook, dictionary identity), tables in order and each ranked
-    by `metric`, with `pareto_<key>` marks for the frontier keys and value / interval columns
+    """One row per entry (`ENTRY_KEY`), tables (model, hook) in order and each ranked by
+    `metric`, with `pareto_<key>` marks for the frontier keys and value / interval columns
     per metric key."""
     keys = _key_order(list(dict.fromkeys(rows["metric_key"])), metric)
-    grouped = rows.groupby(["model", "hook", "identity"], sort=False)
+    grouped = rows.groupby(ENTRY_KEY, sort=False)
     entries = pd.DataFrame([_entry(group) for _, group in grouped])
-    entries = entries.reindex(columns=[*ENTRY_COLUMNS, *(f"{k}{suffix}" for k in keys
+    entries = entries.reindex(columns=[*CSV_COLUMNS, *(f"{k}{suffix}" for k in keys
                                                          for suffix in ("", "_ci_low",
                                                                         "_ci_high"))])
-    entries = entries.astype({"d_sae": "Int64", "layer": "Int64"})
+    entries = entries.astype({"d_sae": "Int64", "layer": "Int64"}).copy()  # consolidated
     tables = []
     for model, hook in _table_order(entries):
         table = entries[(entries["model"] == model) & (entries["hook"] == hook)]
         table = rank_entries(table, metric, bool(directions[metric]))
-        for key in FRONTIERS:
-            table[f"pareto_{key}"] = (
-                pareto_front(table, L0_KEY, key, y_higher_better=directions.get(key) is not False)
-                if key in keys and L0_KEY in keys else False)
-        tables.append(table)
+        tables.append(table.assign(**{
+            f"pareto_{key}": pareto_front(table, L0_KEY, key,
+                                          y_higher_better=directions.get(key) is not False)
+            if key in keys and L0_KEY in keys else False for key in FRONTIERS}))
     board = pd.concat(tables, ignore_index=True)
     first = ["model", "hook", "rank", "dictionary", "architecture", "d_sae",
              *(f"pareto_{k}" for k in FRONTIERS)]
     return board[[*first, *(c for c in board.columns if c not in first)]]
-
-
-# --------------------------------------------------------------------------- Markdown
-
-
-def _cell(value: Any) -> str:
-    """Text safe inside a Markdown table cell: `|` escaped, line breaks as spaces."""
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
-def _markdown_table(rows: list[list[Any]], headers: list[str], left: int) -> str:
-    """A GitHub table whose first `left` columns are left-aligned, the others right."""
-    align = ["left" if i < left else "right" for i in range(len(headers))]
-    return tabulate([[_cell(c) for c in row] for row in rows], headers=headers,
-                    tablefmt="github", disable_numparse=True, colalign=align)
-
-
-def _arrow(higher_is_better: bool | None) -> str:
-    return {True: " ↑", False: " ↓"}.get(higher_is_better, "")
-
-
-def _header(key: str, higher_is_better: bool | None) -> str:
-    if key == UNCENTRED_EV:
-        return f"{key} (SAEBench's uncentred EV){_arrow(higher_is_better)}"
-    return f"{key}{_arrow(higher_is_better)}"
-
-
-def _shown(value: Any, low: Any, high: Any, imported: bool, interval: bool) -> str:
-    """A value, with its interval when `interval` and known, marked † when imported."""
-    text = format_value(value)
-    if interval and not (is_missing(low) and is_missing(high)):
-        text += f" {format_ci(low, high)}"
-    return text + (f" {IMPORTED_MARK}" if imported and not is_missing(value) else "")
-
-
-def _table_rows(table: pd.DataFrame, metric: str, others: list[str],
-                columns: list[str]) -> list[list[str]]:
-    rows = []
-    for entry in table.to_dict("records"):
-        imported = set(entry["imported"].split(";"))
-        rows.append([
-            format_value(entry["rank"]), entry["dictionary"],
-            *(format_value(entry[c]) for c in columns),
-            _shown(entry[metric], None, None, metric in imported, interval=False),
-            format_ci(entry[f"{metric}_ci_low"], entry[f"{metric}_ci_high"]),
-            *(_shown(entry[k], entry[f"{k}_ci_low"], entry[f"{k}_ci_high"], k in imported,
-                     interval=True) for k in others),
-            ", ".join(label for k, label in FRONTIERS.items() if entry[f"pareto_{k}"]),
-            _source_cell(entry["source"], bool(entry["imported"])),
-        ])
-    return rows
-
-
-def _source_cell(sources: str, imported: bool) -> str:
-    """An entry's sources for the table: each once (a SAEBench import's without its prefix),
-    "SAEBench core †" added when some of its values are imported, cut to a readable width.
-
-    >>> _source_cell("rel:id; saebench-core:rel:id", True)
-    'rel:id · SAEBench core †'
-    """
-    names = dict.fromkeys(s.removeprefix(SOURCE_PREFIX) for s in sources.split("; ") if s)
-    text = "; ".join(names)
-    text = text if len(text) <= _SOURCE_WIDTH else text[:_SOURCE_WIDTH - 1] + "…"
-    return text + (f" · SAEBench core {IMPORTED_MARK}" if imported else "")
-
-
-def _notes(table: pd.DataFrame, metric: str, higher_is_better: bool, keys: list[str]) -> str:
-    """The sentences under a table: how it is ranked, ties, and what its marks mean."""
-    notes = [
-        f"Ranked by `{metric}` ({'higher' if higher_is_better else 'lower'} is better). An "
-        "entry shares the rank of the one just above it when their difference is within "
-        "noise: |Δ| ≤ 1.96·√(se₁² + se₂²), se = half the 95% interval's width / 1.96, the "
-        "intervals taken as independent; entries without an interval share a rank only "
-        "when exactly equal.",
-        "Pareto (L0 vs loss recovered, vs KL score): no other entry here is at least as good "
-        "on both L0 (lower) and the score (higher) and better on one.",
-    ]
-    if table["rank"].isna().any():
-        notes.append(f"Entries without a value for `{metric}` are unranked (—).")
-    if table["imported"].str.len().any():
-        notes.append(f"{IMPORTED_MARK} imported from SAEBench core-eval results.")
-    if UNCENTRED_EV in keys:
-        notes.append(f"`{UNCENTRED_EV}` is SAEBench's explained variance, 1 − E‖x − x̂‖² / "
-                     "E‖x‖²: uncentred, so it runs higher than saebench's centred "
-                     "`explained_variance` when activations have a large mean; the two are not "
-                     "comparable.")
-    return " ".join(notes)
-
-
-SHOWN = ("l0", "kl_div_score[zero]", "explained_variance", UNCENTRED_EV, "logit_diff_recovered[")
-"""Metric keys the Markdown tables show beside the ranked one (prefixes; the CSV has all),
-so a table stays readable at a laptop's width."""
-
-
-def _in_markdown(key: str) -> bool:
-    return key.startswith(SHOWN)
-
-
-def _table_section(table: pd.DataFrame, metric: str, directions: Mapping[str, bool | None],
-                   images: list[tuple[str, str]]) -> str:
-    """A hook's heading, frontier images, ranked table and notes."""
-    keys = [k for k in directions if k != metric and table[k].notna().any()
-            and _in_markdown(k)]
-    columns = [c for c in ("architecture", "d_sae") if table[c].map(_text).str.len().any()]
-    headers = ["rank", "dictionary", *columns, _header(metric, directions[metric]), "95% CI",
-               *(_header(k, directions[k]) for k in keys), "Pareto (L0 vs)", "source"]
-    body = _markdown_table(_table_rows(table, metric, keys, columns), headers,
-                           left=2 + len(columns))
-    hook = " + ".join(f"`{h}`" for h in table["hook"].iloc[0].split(","))
-    parts = [f"### {hook}", *(_image(caption, name) for caption, name in images), body,
-             _notes(table, metric, bool(directions[metric]), keys)]
-    return "\n\n".join(parts)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-def _image(caption: str, name: str) -> str:
-    """A Markdown image of a PNG beside the Markdown, brackets in its caption escaped."""
-    caption = caption.replace("[", "\\[").replace("]", "\\]")
-    return f"![{caption}]({name})"
-
-
-def _slug(text: str, width: int = 60) -> str:
-    """A file-name-safe form of `text` (letters, digits, `.`, `-`; the rest `_`)."""
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")[:width] or "_"
-
-
-def _frontier_images(table: pd.DataFrame, number: int, out: Path,
-                     directions: Mapping[str, bool | None]) -> list[tuple[str, str]]:
-    """L0 frontier plots of one table (keys with two entries or more): (caption, file name)."""
-    model, hook = table["model"].iloc[0], table["hook"].iloc[0]
-    names = []
-    for key, label in FRONTIERS.items():
-        if key not in table or L0_KEY not in table or (
-                table[[L0_KEY, key]].notna().all(axis=1).sum() < 2):
-            continue
-        name = f"frontier-{number:02d}-{_slug(model)}-{_slug(hook)}-{_slug(key)}.png"
-        frontier_plot(table, L0_KEY, key, out / name, group="hook",
-                      title=f"{model} · {hook}: L0 vs {label}", x_label="L0 (active features)",
-                      y_label=key, y_higher_better=directions.get(key) is not False)
-        names.append((f"L0 vs {label}", name))
-    return names
-
-
-def _layer_images(board: pd.DataFrame, metric: str, out: Path,
-                  directions: Mapping[str, bool | None]) -> list[tuple[str, str]]:
-    """Per model, for the ranking and frontier keys, curves across layers of the families
-    measured at more than one layer (the best entry per family and layer): (caption, name)."""
-    names = []
-    for model, entries in board[board["layer"].notna()].groupby("model", sort=True):
-        for key in dict.fromkeys([metric, *FRONTIERS]):
-            if key not in entries:
-                continue
-            best = entries[entries[key].notna()].sort_values(
-                key, ascending=directions.get(key) is False, kind="stable")
-            best = best.drop_duplicates(["family", "layer"])
-            curves = best[best.groupby("family")["layer"].transform("size") > 1]
-            if len(curves):
-                name = f"layers-{_slug(model)}-{_slug(key)}.png"
-                layer_curves(curves, out / name, metric=key, title=f"{model}: {key} per layer")
-                names.append((f"{key} per layer, {model}", name))
-    return names
 
 
 # --------------------------------------------------------------------------- building
@@ -427,33 +323,6 @@ def _output_dir(out: Path) -> Path:
         raise InputError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def _input_name(path: Path) -> str:
-    """An input as the Markdown names it: its name, with its folder for a results.csv."""
-    return f"{path.parent.name}/{path.name}" if path.name == RESULTS_FILE else path.name
-
-
-def render(board: pd.DataFrame, metric: str, directions: Mapping[str, bool | None],
-           out: Path, inputs: Sequence[Path]) -> str:
-    """The Markdown of a leaderboard table (`leaderboard_table`), drawing its PNGs in `out`."""
-    names = ", ".join(f"`{_input_name(Path(p))}`" for p in inputs)
-    parts = ["# saebench leaderboard",
-             f"{len(board)} entries from {len(inputs)} input(s): {names}. Ranked by "
-             f"`{metric}`{_arrow(directions[metric])} within each model and hook."]
-    numbers = count(1)
-    for model, tables in board.groupby("model", sort=False):
-        parts.append(f"## Model `{model or '(unnamed)'}`")
-        for _, table in tables.groupby("hook", sort=False):
-            images = _frontier_images(table, next(numbers), out, directions)
-            parts.append(_table_section(table, metric, directions, images))
-    layers = _layer_images(board, metric, out, directions)
-    if layers:
-        parts += ["## Per-layer curves",
-                  "Dictionary families (names without their layer part) found at more than "
-                  "one layer; the band is the 95% interval.",
-                  *(_image(caption, name) for caption, name in layers)]
-    return "\n\n".join(parts) + "\n"
 
 
 def build(sources: Sequence[Path], out: Path, metric: str = DEFAULT_METRIC) -> Path:

@@ -48,8 +48,27 @@ def _load(path: Path) -> _Run:
     if not (path / results.RESULTS_FILE).is_file():
         raise MergeError(f"{path}: not a run directory (no {results.RESULTS_FILE})")
     shard_file = path / SHARD_FILE
-    shard = json.loads(shard_file.read_text()) if shard_file.is_file() else None
+    shard = _read_shard(shard_file) if shard_file.is_file() else None
     return _Run(path, results.read_results(path), shard)
+
+
+def _read_shard(path: Path) -> dict:
+    """A shard record (`shards.SHARD_FILE`) with the fields merging reads, checked; a damaged
+    one is a MergeError naming the file."""
+    try:
+        shard = json.loads(path.read_text(encoding="utf-8"))
+        index, count, checks = shard["index"], shard["count"], shard["checks"]
+        if not (isinstance(index, int) and isinstance(count, int) and 1 <= index <= count):
+            raise ValueError(f"index {index!r} of count {count!r} is not a shard I of N")
+        if not isinstance(checks, list) or not all(
+                isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c)
+                for c in checks):
+            raise ValueError("checks must be a list of [suite, check id] pairs")
+        shard["shard"] = f"{index}/{count}"
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise MergeError(f"{path}: damaged shard record ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:160]}); rerun that shard") from None
+    return shard
 
 
 def _one(runs: Sequence[_Run], what: str, get) -> None:
@@ -123,8 +142,9 @@ def merge(run_dirs: Sequence[Path], out: Path, *, allow_partial: bool = False) -
         _one(runs, "suites", lambda r: _values(r, "suite"))
     for suite in sorted({s for r in runs for s in _values(r, "suite")}):
         having = [r for r in runs if suite in _values(r, "suite")]
-        _one(having, f"token set of suite {suite!r}",
-             lambda r, s=suite: _values(r, "token_set", r.rows["suite"] == s))
+        for column, what in (("token_set", "token set"), ("model_hash", "model")):
+            _one(having, f"{what} of suite {suite!r}",
+                 lambda r, s=suite, c=column: _values(r, c, r.rows["suite"] == s))
     owner: dict[tuple[str, str], Path] = {}
     for run in runs:
         for key in zip(run.rows["suite"], run.rows["check_id"], strict=True):
@@ -152,8 +172,23 @@ def merge(run_dirs: Sequence[Path], out: Path, *, allow_partial: bool = False) -
     note = {"merged_from": [str(r.path) for r in runs],
             "shards": [r.shard["shard"] for r in runs if r.shard is not None]}
     results.atomic_write(out / MERGE_FILE, json.dumps(note, indent=1))
+    _write_selection(runs, merged, out)
     report.write_report(out)
     return out
+
+
+def _write_selection(runs: Sequence[_Run], merged: pd.DataFrame, out: Path) -> None:
+    """The merged run's selection (`results.SELECTION_FILE`): per suite, the checks merged
+    of the total the runs recorded; how the runs selected, without the shard part."""
+    recorded = [results.read_selection(r.path) for r in runs]
+    totals = {s: e["total"] for sel in recorded for s, e in sel.get("suites", {}).items()}
+    if not totals:
+        return
+    counts = {s: (int((merged["suite"] == s).sum()), total) for s, total in totals.items()}
+    hows = {", ".join(p for p in str(sel.get("how", "")).split(", ")
+                      if p and not p.startswith("--saebench-shard")) for sel in recorded}
+    results.write_selection(out, counts, "; ".join(sorted(h for h in hows if h))
+                            or "shards not merged (--allow-partial)")
 
 
 def _records(frame: pd.DataFrame) -> list[dict]:
@@ -176,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     """`saebench merge`: 0 when merged, 2 when the runs cannot be merged."""
     try:
         out = merge(args.run_dirs, args.out, allow_partial=args.allow_partial)
-    except (MergeError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # MergeError, DamagedFile, not results
         print(f"saebench merge: {err}", file=sys.stderr)
         return 2
     print(f"saebench merge: {len(args.run_dirs)} run(s) -> {out / 'report.md'}")

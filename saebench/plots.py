@@ -40,19 +40,27 @@ _LABEL_OFFSETS = ((6, 3), (6, -11), (-6, 3), (-6, -11), (6, 13), (6, -21), (-6, 
 overlaps no label placed before (else the last is used)."""
 _SEPARATORS = "-_./: "
 _HOOK = re.compile(r"blocks\.(\d+)\.[\w.]+")
+_LAYER_LABEL = re.compile(r"layer (\d+)(?: \(.*\))?")
+"""`layer 12 (hook not stated)`: a SAEBench import whose file states its layer, not its hook
+(`saebench.saebench_core_fields`)."""
 
 
 # --------------------------------------------------------------------------- names
 
 
 def layer_of(hook: str) -> int | None:
-    """The block index of a TransformerLens hook name; None for a hook outside the blocks
-    (`hook_embed`, `ln_final.hook_normalized`) or several hooks joined with commas.
+    """The block index of a TransformerLens hook name (or of a `layer <n> (…)` label); None
+    for a hook outside the blocks (`hook_embed`, `ln_final.hook_normalized`) or several hooks
+    joined with commas.
 
     >>> [layer_of(h) for h in ("blocks.3.hook_resid_pre", "blocks.1.attn.hook_z", "hook_embed")]
     [3, 1, None]
+    >>> layer_of("layer 12 (hook not stated)")
+    12
     """
-    match = _HOOK.fullmatch(hook.strip()) if isinstance(hook, str) else None
+    if not isinstance(hook, str):
+        return None
+    match = _HOOK.fullmatch(hook.strip()) or _LAYER_LABEL.fullmatch(hook.strip())
     return int(match.group(1)) if match else None
 
 

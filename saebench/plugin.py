@@ -20,11 +20,13 @@ worker), and each finished check is appended to `reports/<run-id>/results.csv`;
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "written at the end of the run")
     group.addoption("--saebench-update-baseline", action="store_true",
                     help="rewrite the baseline with this run's rows instead of comparing")
+    group.addoption("--saebench-allow-incomparable", action="store_true",
+                    help="compare with a baseline of another model or saebench version "
+                         "anyway (every compared check's message says so)")
     group.addoption("--saebench-strict", action="store_true",
                     help="fail noisy checks (worse than the baseline within noise) and a run "
                          "in which no check was measured (all skipped)")
@@ -187,6 +192,14 @@ class _State:
         self.update_baseline = opt("--saebench-update-baseline")
         self.strict = opt("--saebench-strict")
         self.baselines: dict[Path, Any] = {}
+        self.incomparable: dict[str, str] = {}
+        """Suite -> why its baseline is of another model or saebench version, when
+        `--saebench-allow-incomparable` compares anyway."""
+        self.lost: list[str] = []
+        """Baseline checks this run did not measure although it selected every check."""
+        self.collected_files: list[SuiteFile] = []
+        self.partial: dict[str, str] = {}
+        """Suite -> how this run selected only some of its checks (`-k`, a shard, node ids)."""
         self.measured = 0
         self.progress = GroupProgress(config, "off" if self.is_worker
                                       else opt("--saebench-progress"))
@@ -215,7 +228,7 @@ class _State:
 
     def reusable(self, run, check) -> dict | None:
         """The stored row of `check`, brought up to date, when it may be reused."""
-        row = self.stored.get(check.id)
+        row = self.stored.get((check.suite, check.id))
         return None if row is None else run.reuse(check, row)
 
     def baseline(self, suite):
@@ -292,9 +305,9 @@ class _State:
                 run.compute(group, status)
 
 
-def _stored_rows(run_dir: Path) -> tuple[dict[str, dict], set[str]]:
-    """The rows of a run directory that `--saebench-resume` may reuse, by check id, and the
-    ids of every check with a row.
+def _stored_rows(run_dir: Path) -> tuple[dict[tuple, dict], set[tuple]]:
+    """The rows of a run directory that `--saebench-resume` may reuse, by (suite, check id),
+    and the keys of every check with a row.
 
     A torn last line is dropped, rows that do not parse or contradict their own verdict are
     listed in a warning and recomputed, and a results.csv of another layout is refused.
@@ -318,17 +331,38 @@ def _stored_rows(run_dir: Path) -> tuple[dict[str, dict], set[str]]:
         if problem is not None:
             refused.append(f"check {row['check_id']}: {problem}")
         elif row["verdict"] != "error" and row["check_id"] not in bad_ids:
-            stored[row["check_id"]] = row
+            stored[results.row_key(row)] = row
     if refused:
         shown = "; ".join(refused[:5]) + (f"; and {len(refused) - 5} more"
                                           if len(refused) > 5 else "")
         warnings.warn(f"{path}: {len(refused)} row(s) refused and recomputed: {shown}",
                       stacklevel=2)
-    return stored, set(rows["check_id"]) | bad_ids
+    seen = set(zip(rows["suite"], rows["check_id"], strict=True))
+    return stored, seen | {(suite, i) for i in bad_ids for suite in {*rows["suite"], ""}}
+
+
+def _check_baseline(state: _State, suite, provenance: dict) -> None:
+    """Refuse (ValueError, one line) a baseline of another model or saebench version than
+    this run of `suite`, unless --saebench-allow-incomparable (then remembered, and every
+    compared check says so)."""
+    from saebench import gate
+
+    baseline = state.baseline(suite)
+    if baseline is None:
+        return
+    where = gate.locate(Path(state.baseline_path), suite.name)
+    problem = gate.incomparable(baseline, suite.name, provenance, where)
+    if problem and not state.config.getoption("--saebench-allow-incomparable"):
+        raise ValueError(f"--saebench-baseline: {problem}; --saebench-allow-incomparable "
+                         "compares anyway, --saebench-update-baseline rewrites it")
+    if problem:
+        state.incomparable[suite.name] = problem
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "eval: a saebench suite check (`pytest -m eval`)")
+    config.addinivalue_line("markers", "xdist_group(name): the checks sharing a clean prefix "
+                                       "(pytest-xdist's marker; known without it too)")
     _check_options(config)
     config.stash[STATE] = _State(config)
     suites = config.getoption("--suite")
@@ -392,11 +426,17 @@ class SuiteFile(pytest.File):
         problem = incompatible_libraries()
         if problem:
             raise self.CollectError(problem)
+        state: _State = self.config.stash[STATE]
         try:
-            suite = load_suite(self.path)
-            run = self.config.stash[STATE].suite_run(suite)
+            with _library_notices_off():
+                suite = load_suite(self.path)
+                run = state.suite_run(suite)
             run.prepare()
-        except (SuiteError, ValueError) as err:
+            if state.baseline_path is not None and run.provenance:
+                _check_baseline(state, suite, run.provenance)
+            self.suite = suite
+            state.collected_files.append(self)
+        except (SuiteError, ValueError, pytest.UsageError) as err:
             raise self.CollectError(str(err)) from None
         self.groups = {c.id: run.prefix_group(c) for c in suite.checks}
         scopes: dict[str, list] = {}
@@ -408,6 +448,17 @@ class SuiteFile(pytest.File):
                 yield CheckGroup.from_parent(self, name=scope, suite=suite, checks=checks)
             else:
                 yield from (CheckItem.within(self, c.id, suite, c) for c in checks)
+
+
+@contextlib.contextmanager
+def _library_notices_off() -> Iterator[None]:
+    """Import saebench's engine without the deprecation notices sae_lens and TransformerLens
+    raise about each other on import (TransformerLens 3's `utils` module, which sae_lens
+    still uses): nothing a suite's author can act on, so a first run shows no warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                module=r"(sae_lens|transformer_lens)(\.|$)")
+        yield
 
 
 class CheckGroup(pytest.Collector):
@@ -465,17 +516,18 @@ class CheckItem(pytest.Item):
         return self.session_file().groups[self.check.id]
 
     def runtest(self) -> None:
-        from saebench import results
+        from saebench import results, verdicts
 
         state: _State = self.config.stash[STATE]
         run = state.suite_run(self.suite)
+        key = (self.suite.name, self.check.id)
         row = state.reusable(run, self.check)
         fresh = row is None
         outcome = state.outcome(run, self) if fresh else None
         if outcome is not None:
             row = outcome.row
-            row["resumed"] = "recomputed" if self.check.id in state.seen else ""
-            results.write_terms(state.run, self.check.id, outcome.terms)
+            row["resumed"] = "recomputed" if key in state.seen else ""
+            results.write_terms(state.run, self.check.id, outcome.terms, self.suite.name)
         new_baseline = self._compare(state, row, outcome)
         if fresh or row["resumed"] == "re-judged":
             extra = outcome.extra if outcome is not None else {}
@@ -484,15 +536,16 @@ class CheckItem(pytest.Item):
                 if rows:
                     results.append_rows(state.run_dir / name,
                                         [{"run_id": state.run_id, **r} for r in rows])
-        if self.check.id in state.seen:
+        if key in state.seen:
             state.resumed[row["resumed"]] += 1
         verdict, message = row["verdict"], row["message"]
+        self.user_properties.append(("saebench_verdict", verdict))
         if verdict == "skipped":
             pytest.skip(message)
         state.measured += 1
-        if verdict in ("fail", "xfail", "regression") or (verdict == "noisy" and state.strict):
+        if verdict in verdicts.FAILED or (verdict == "noisy" and state.strict):
             raise CheckFailed(f"[{verdict}] {message}")
-        if verdict not in ("pass", "xpass", "noisy"):
+        if verdict not in ("pass", "measured", "xpass", "noisy"):
             raise CheckErrored(f"[{verdict}] {message}")
         if new_baseline:
             raise CheckErrored(f"[new baseline] {message}; no baseline row to compare with: "
@@ -514,14 +567,25 @@ class CheckItem(pytest.Item):
             if state.update_baseline:
                 return None
             return gate.locate(Path(state.baseline_path), self.suite.name)
-        terms = (outcome.terms if outcome is not None
-                 else results.read_terms(state.run, self.check.id))
-        absolute, relative = self.check.tolerance
-        comparison = gate.compare(row, baseline.row(self.check.id), terms,
-                                  baseline.terms(self.check.id),
-                                  options=checks.metric_options(self.check),
-                                  tolerance=absolute, rel_tolerance=relative)
+        suite, check_id = self.suite.name, self.check.id
+        try:
+            terms = (outcome.terms if outcome is not None
+                     else results.read_terms(state.run, check_id, suite))
+            base_terms = baseline.terms(check_id, suite)
+        except results.DamagedFile as err:
+            comparison = gate.Comparison("incomparable", message=str(err))
+        else:
+            absolute, relative = self.check.tolerance
+            comparison = gate.compare(row, baseline.row(check_id, suite), terms, base_terms,
+                                      options=checks.metric_options(self.check),
+                                      tolerance=absolute, rel_tolerance=relative)
+            problem = gate.terms_contradiction(baseline.row(check_id, suite) or {}, base_terms)
+            if problem:
+                comparison = gate.Comparison("incomparable", message=f"the baseline row: "
+                                                                     f"{problem}")
         verdict, message = gate.judge(row["verdict"], row["message"], comparison)
+        if state.incomparable.get(suite):
+            message = f"INCOMPARABLE ({state.incomparable[suite]}): {message}"
         columns = comparison.columns()
         if row["resumed"] == "reused" and any(row.get(k) != v for k, v in columns.items()
                                              if not pd.isna(v)):
@@ -548,6 +612,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if isinstance(item, CheckItem):
             state.selected.setdefault(item.suite.path, []).append(item.check)
+    _record_selection(config, items)
     if config.getoption("--saebench-ray") is not None and not config.getoption("collectonly"):
         state.submit(items)
     if state.is_worker and getattr(config.option, "loadgroup", False):
@@ -561,6 +626,36 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     if config.getoption("dist") != "loadgroup":
         return None
     return workers.group_scheduler(config.stash[STATE].run_dir)(config, log)
+
+
+def _selection_how(config: pytest.Config) -> str:
+    """How the command line narrowed the checks: `-k …`, `-m …`, a shard, node ids, --lf."""
+    opt = config.option
+    parts = [f"-k {opt.keyword!r}" if getattr(opt, "keyword", "") else "",
+             f"-m {opt.markexpr!r}" if getattr(opt, "markexpr", "").strip() not in ("", "eval")
+             else "",
+             f"--saebench-shard {config.getoption('--saebench-shard')}"
+             if config.getoption("--saebench-shard") else "",
+             "--lf" if getattr(opt, "lf", False) else "",
+             "--deselect" if getattr(opt, "deselect", None) else "",
+             "node ids" if any("::" in str(a) for a in config.args) else ""]
+    return ", ".join(p for p in parts if p) or "a selection"
+
+
+def _record_selection(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Write how many checks of each collected suite this run selected (of how many), so a
+    gate can tell a check left out on purpose from one the run lost."""
+    from saebench import results
+
+    state: _State = config.stash[STATE]
+    suites = {i.suite.name: i.suite for i in items if isinstance(i, CheckItem)}
+    suites |= {f.suite.name: f.suite for f in state.collected_files}
+    counts = {name: (sum(1 for i in items if isinstance(i, CheckItem) and i.suite is suite),
+                     len(suite.checks)) for name, suite in suites.items()}
+    how = _selection_how(config)
+    state.partial = {name: how for name, (n, total) in counts.items() if n < total}
+    if counts and not config.getoption("collectonly"):
+        results.write_selection(state.run_dir, counts, how)
 
 
 def _keep_shard(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -604,6 +699,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     report.write_report(state.run_dir)
     if state.strict and state.selected and not state.measured and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if state.lost and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _write_baselines(state: _State) -> None:
@@ -611,19 +708,35 @@ def _write_baselines(state: _State) -> None:
     baseline), and note in the run directory which baseline rows it did not have."""
     from saebench import gate, results
 
-    compared, missing = [], []
+    compared, missing, explained = [], [], {}
     for path, checks in state.selected.items():
-        target = gate.locate(Path(state.baseline_path), checks[0].suite)
+        suite = checks[0].suite
+        target = gate.locate(Path(state.baseline_path), suite)
         baseline = state.baselines.get(path)
         if baseline is None:
-            gate.write_baseline(state.run, target, [c.id for c in checks])
+            gate.write_baseline(state.run, target, [(c.suite, c.id) for c in checks])
             continue
         ids = {c.id for c in checks}
         compared.append(str(target))
-        missing += sorted(i for i in baseline.rows if i not in ids)
+        gone = sorted(i for s, i in baseline.rows if s == suite and i not in ids)
+        missing += gone
+        if gone and suite in state.partial:
+            explained[suite] = state.partial[suite]
+        elif gone:
+            state.lost += [f"{suite}::{i}" for i in gone]
     if compared:
-        note = {"path": ", ".join(compared), "missing": missing}
+        note = {"path": ", ".join(compared), "missing": missing, "not_selected": explained}
         results.atomic_write(state.run_dir / "baseline.json", json.dumps(note, indent=1))
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config
+                             ) -> tuple[str, str, tuple[str, dict]] | None:
+    """A check without a threshold is `measured`, not passed: its own letter (`m`), word
+    (`MEASURED` under -v) and count in the summary line."""
+    if report.when == "call" and report.passed and \
+            ("saebench_verdict", "measured") in getattr(report, "user_properties", ()):
+        return "measured", "m", ("MEASURED", {"cyan": True})
+    return None
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
@@ -633,3 +746,10 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write_line(f"saebench resume of {state.run_dir}: {counts}")
     if not state.is_worker and (state.run_dir / "report.md").is_file():
         terminalreporter.write_line(f"saebench report: {state.run_dir / 'report.md'}")
+    if state.lost:
+        shown = ", ".join(state.lost[:5]) + (f" and {len(state.lost) - 5} more"
+                                             if len(state.lost) > 5 else "")
+        terminalreporter.write_line(f"saebench baseline: {len(state.lost)} check(s) of the "
+                                    f"baseline were not measured by this run ({shown}): "
+                                    "failed; --saebench-update-baseline if they were removed",
+                                    red=True)

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from saebench import plots
+from saebench import plots, verdicts
 from saebench.results import (
     BREAKDOWN_COLUMNS,
     BREAKDOWN_FILE,
@@ -47,40 +47,13 @@ REPORT_FILE = "report.md"
 BASELINE_FILE = "baseline.json"
 PLOTS_DIR = "plots"
 
-VERDICT_MARKS: dict[str, str] = {
-    "pass": "✅",
-    "fail": "❌",
-    "xfail": "🚫",
-    "xpass": "❗",
-    "error": "💥",
-    "unstable": "❓",
-    "empty": "⭕",
-    "skipped": "⏩",
-    "regression": "📉",
-    "noisy": "🟡",
-}
-"""One wide emoji per verdict (no variation selectors, so terminal tables stay aligned);
-tables print the verdict's name next to its mark (the summary matrix, marks only, has a
-legend)."""
-VERDICT_MEANINGS: dict[str, str] = {
-    "pass": "meets its threshold",
-    "fail": "misses its threshold",
-    "xfail": "expected to fail, and did",
-    "xpass": "expected to fail, but passed",
-    "error": "could not be computed",
-    "unstable": "its denominator is not usable",
-    "empty": "nothing was measured",
-    "skipped": "not run",
-    "regression": "worse than its baseline beyond tolerance and noise",
-    "noisy": "worse than its baseline beyond tolerance, but within noise",
-}
-"""What each verdict means, for the legend under the summary matrix."""
-UNKNOWN_MARK = "❔"
-FINE_VERDICTS = ("pass", "xfail", "skipped", "noisy")
-"""Verdicts that need no attention (noisy is listed as a notice only); every other one (fail,
+VERDICT_MARKS = verdicts.MARKS
+VERDICT_MEANINGS = verdicts.MEANINGS
+UNKNOWN_MARK = verdicts.UNKNOWN_MARK
+FINE_VERDICTS = verdicts.FINE
+"""Verdicts that need no attention (`saebench.verdicts`); every other one (fail,
 regression, error, empty, unstable, xpass, or one this version does not know) is listed
 under "What needs attention"."""
-
 MATRIX_COLUMNS: dict[str, str] = {
     "l0": "L0",
     "ce_loss_recovered[zero]": "loss rec.",
@@ -232,12 +205,12 @@ def _verdict(verdict: str) -> str:
     return f"{VERDICT_MARKS.get(verdict, UNKNOWN_MARK)} {verdict or '?'}"
 
 
-def _counts(verdicts: pd.Series, noun: str = "check") -> str:
-    """The counts of `verdicts`, e.g. "3 checks: 2 ✅ pass, 1 ❌ fail"."""
-    counts = verdicts.value_counts()
+def _counts(column: pd.Series, noun: str = "check") -> str:
+    """The counts of a verdict `column`, e.g. "3 checks: 2 ✅ pass, 1 ❌ fail"."""
+    counts = column.value_counts()
     order = [*VERDICT_MARKS, *(v for v in counts.index if v not in VERDICT_MARKS)]
     items = [f"{counts[v]} {_verdict(v)}" for v in order if v in counts]
-    n = len(verdicts)
+    n = len(column)
     return f"{n} {noun}{'' if n == 1 else 's'}" + (": " + ", ".join(items) if items else "")
 
 
@@ -315,7 +288,8 @@ def _message(row: dict[str, Any]) -> str:
     if not shown or shown["metric"] != row["metric"]:
         return message
     rest = message[shown.end():]
-    judged = (f"meets {row['threshold']}", f"fails {row['threshold']}", "(no threshold)")
+    judged = (f"meets {row['threshold']}", f"fails {row['threshold']}", "(no threshold)",
+              "(measured: no threshold)")
     return "" if rest in judged else rest
 
 
@@ -729,7 +703,7 @@ def _features_section(features: pd.DataFrame) -> str:
     """Per feature-ablation check, its features' activations and effects, folded (rows of
     table "ablation", or none: written before features.csv had other tables)."""
     features = features[features["table"].isin(_ABLATION_TABLES)]
-    features = features.drop_duplicates(["check_id", "feature"], keep="last")
+    features = features.drop_duplicates(["suite", "check_id", "feature"], keep="last")
     parts = ["## Feature ablations"]
     for check_id, group in _groups(features, "check_id"):
         rows = [
@@ -755,7 +729,7 @@ def _feature_summary(check_id: str, rows: pd.DataFrame, *extra: str) -> str:
 def _fidelity_section(features: pd.DataFrame) -> str:
     """Per feature-fidelity check, its features with the lowest correlation, folded."""
     features = features[features["table"] == "fidelity"]
-    features = features.drop_duplicates(["check_id", "feature"], keep="last")
+    features = features.drop_duplicates(["suite", "check_id", "feature"], keep="last")
     parts = ["## Feature fidelity",
              f"Per check, the {_LOWEST_CORRELATIONS} features whose activation correlates least "
              "between the clean and the spliced run."]
@@ -929,7 +903,7 @@ def _breakdown_section(breakdown: pd.DataFrame | None) -> str:
     """Per check with a `by:` breakdown, its value in each bucket, folded."""
     if breakdown is None or breakdown.empty:
         return ""
-    breakdown = breakdown.drop_duplicates(["check_id", "bucket"], keep="last")
+    breakdown = breakdown.drop_duplicates(["suite", "check_id", "bucket"], keep="last")
     parts = ["## Breakdowns",
              "Per check with `by:`, its value in each bucket of token positions or data "
              "source, with its 95% interval (plotted above)."]
@@ -964,8 +938,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`saebench report <run-dir>`: redraw the plots and rebuild report.md from the run's
     files.
 
-    Exit status 0 on success, 2 (with a message naming the path) when the run directory or
-    its results.csv is missing.
+    Exit status 0 on success, 2 (with a one-line message naming the path) when the run
+    directory or its results.csv is missing or is not a saebench results file.
 
     >>> main(["reports/20261123-081530-ab12"])
     0
@@ -987,7 +961,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"saebench report: no {RESULTS_FILE} in {run_dir} (expected "
               f"{run_dir / RESULTS_FILE})", file=sys.stderr)
         return 2
-    print(write_report(run_dir, args.worst_prompts))
+    try:
+        print(write_report(run_dir, args.worst_prompts))
+    except (ValueError, OSError) as err:  # not a results file, damaged tables
+        print(f"saebench report: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -55,7 +55,7 @@ from saebench.located import (  # noqa: F401  (re-exported: resolve.HubUnavailab
 )
 from saebench.suite import DataSpec, DictionarySpec, ModelSpec, TaskSpec, source_name
 from saebench.zoo import paths
-from saebench.zoo.model import load_model
+from saebench.zoo.model import hooked_transformer_on_purpose, load_model
 from saebench.zoo.tokenizer import load_tokenizer
 
 # TransformerLens' processing flags for HF checkpoint directories; all off by default, as in
@@ -167,7 +167,8 @@ def resolve_model(
         kwargs = {**_release_model_kwargs(dictionaries), **spec.kwargs}
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
-    with hub_access(where, f"TransformerLens model {spec.name!r}"):
+    with hub_access(where, f"TransformerLens model {spec.name!r}"), \
+            hooked_transformer_on_purpose():
         model = HookedTransformer.from_pretrained_no_processing(
             spec.name, device=str(device), dtype=dtype, **kwargs)
     return model.eval()
@@ -222,7 +223,8 @@ def _load_hf_checkpoint(directory: Path, kwargs: dict, device: str | torch.devic
     cfg = tl_loading.get_pretrained_model_config(
         str(directory), fold_ln=processing["fold_ln"], device=str(device), dtype=dtype, **rest)
     state = tl_loading.get_pretrained_state_dict(str(directory), cfg, hf_model, dtype=dtype)
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    with hooked_transformer_on_purpose():
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state, **processing)
     model.move_model_modules_to_device()
     return model.eval()

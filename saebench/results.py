@@ -57,12 +57,19 @@ LAYERS_FILE = "layers.csv"
 BREAKDOWN_FILE = "breakdown.csv"
 
 TERMS_DIR = "terms"
+SELECTION_FILE = "selection.json"
+"""Which checks of each suite a run selected and how (`-k`, a shard, node ids): what lets a
+gate tell a check left out on purpose from one the run lost."""
 
 IDENTITY_COLUMNS: list[str] = [
-    "source", "architecture", "d_in", "d_sae", "read_hook", "write_hook", "weights_sha256",
-    "model_hash",
+    "identity", "source", "architecture", "d_in", "d_sae", "read_hook", "write_hook",
+    "weights_sha256", "model_hash",
 ]
-"""Which dictionary (or spliced set, joined with `+`) and model a row measured."""
+"""Which dictionary (or spliced set, joined with `+`) and model a row measured. `identity`
+is a short hash of everything that makes the dictionary's numbers (format, weights' hash,
+`args:`, hook overrides, factory and arguments, every part of a set or replacement model):
+two rows with different identities measured different dictionaries, whatever their names.
+`model_hash` hashes the model's configuration and weights."""
 BASELINE_COLUMNS: list[str] = [
     "vs_baseline", "baseline_value", "delta", "delta_ci_low", "delta_ci_high", "comparison",
     "tolerance",
@@ -339,13 +346,29 @@ def _decode_cell(column: str, cell: str) -> Any:
     if column in _FLOAT_COLUMNS:
         return float(cell) if cell else math.nan
     if column in _INT_COLUMNS:
-        return int(cell) if cell else pd.NA
+        return _integer(cell) if cell else pd.NA
     if column in _BOOL_COLUMNS:
         text = cell.strip().lower()
         if text and text not in _TRUE | _FALSE:
             raise ValueError("not a boolean")
         return text in _TRUE if text else pd.NA
     return cell
+
+
+def _integer(cell: str) -> int:
+    """An integer cell, also as pandas writes an integer column it read with a missing
+    value (`128.0`); ValueError for text or a fraction.
+
+    >>> _integer("128"), _integer("128.0")
+    (128, 128)
+    """
+    try:
+        return int(cell)
+    except ValueError:
+        number = float(cell)
+        if not number.is_integer():
+            raise ValueError(f"{cell!r} is not an integer") from None
+        return int(number)
 
 
 def _column(column: str, values: list[Any]) -> Any:
@@ -408,6 +431,8 @@ def read_table(path: Path, columns: Sequence[str] = (),
                       f"{'; '.join(problems[:3])}", stacklevel=2)
     names = [*header, *(c for c in columns if c not in header)]
     data = {c: _column(c, [r[i] for r in records]) for i, c in enumerate(header)}
+    data.pop("", None)  # the index column `DataFrame.to_csv` writes without index=False
+    names = [c for c in names if c]
     data.update({c: _column(c, [_decode_cell(c, "")] * len(records))
                  for c in names[len(header):]})
     return pd.DataFrame(data, columns=names)
@@ -425,7 +450,8 @@ def check_results_header(path: Path) -> None:
 
 
 def _shorten(header: list[str], limit: int = 120) -> str:
-    text = ",".join(header)
+    """A header as one short printable line (a binary file's bytes shown as `?`)."""
+    text = "".join(c if c.isprintable() and c != "\ufffd" else "?" for c in ",".join(header))
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
@@ -435,10 +461,23 @@ def _results_path(run_dir: Path) -> Path:
     return run_dir if run_dir.is_file() else run_dir / RESULTS_FILE
 
 
+ROW_KEY = ["suite", "check_id"]
+"""What names one check's row in a run: check ids are unique within a suite, and one run may
+hold several suites with the same check id."""
+
+
+def row_key(row: Mapping[str, Any]) -> tuple[str, str]:
+    """The (suite, check id) of a row, "" for a missing suite."""
+    suite = row.get("suite")
+    return ("" if is_missing(suite) else str(suite), str(row["check_id"]))
+
+
 def read_results(run_dir: Path, refused: list[str] | None = None) -> pd.DataFrame:
-    """The results of a run, one row per check: the last row of a check wins (resumed or
-    retried checks), kept at the place of the check's first row. `run_dir` may also be the
-    path of a results.csv; rows that do not parse are skipped (see `read_table`).
+    """The results of a run, one row per (suite, check): the last row of a check wins
+    (resumed or retried checks), kept at the place of the check's first row. `run_dir` may
+    also be the path of a results.csv; rows that do not parse are skipped (see
+    `read_table`). A `pass` without a threshold, as saebench wrote before it had the
+    `measured` verdict, reads as `measured`.
 
     >>> read_results(Path("reports/20261123-081530-ab12"))[["check_id", "value", "verdict"]]
     """
@@ -448,9 +487,13 @@ def read_results(run_dir: Path, refused: list[str] | None = None) -> pd.DataFram
     check_results_header(path)
     table = read_table(path, RESULT_COLUMNS, refused)
     columns = [*RESULT_COLUMNS, *(c for c in table.columns if c not in RESULT_COLUMNS)]
-    order = table.drop_duplicates("check_id", keep="first")["check_id"]
-    last = table.drop_duplicates("check_id", keep="last").set_index("check_id")
-    return last.loc[order].reset_index()[columns]
+    table["suite"] = table["suite"].map(lambda s: "" if is_missing(s) else str(s))
+    unjudged = (table["verdict"] == "pass") & (table["threshold"].map(
+        lambda t: is_missing(t) or not str(t).strip()))
+    table.loc[unjudged, "verdict"] = "measured"
+    order = table.drop_duplicates(ROW_KEY, keep="first")[ROW_KEY]
+    last = table.drop_duplicates(ROW_KEY, keep="last").set_index(ROW_KEY)
+    return last.loc[pd.MultiIndex.from_frame(order)].reset_index()[columns]
 
 
 def read_per_prompt(run_dir: Path) -> pd.DataFrame:
@@ -478,22 +521,30 @@ def read_per_prompt(run_dir: Path) -> pd.DataFrame:
     return frame.astype({q: "float64" for q in quantities})
 
 
-def finished_check_ids(run_dir: Path) -> set[str]:
-    """Checks whose last row has a final verdict (anything but "error"), for `--resume`.
-
-    Empty when the run has no results yet.
-
-    >>> finished_check_ids(Path("reports/20261123-081530-ab12"))
-    {'toy::resid-L2-topk16::l0', ...}
-    """
+def read_selection(run_dir: Path) -> dict[str, Any]:
+    """A run's `SELECTION_FILE`: {"suites": {suite: {"selected": n, "total": N}}, "how":
+    text}; empty when the run has none (an older saebench: taken as complete). A damaged
+    file raises `DamagedFile`."""
+    path = _results_path(run_dir).parent / SELECTION_FILE
+    if not path.is_file():
+        return {}
     try:
-        results = read_results(run_dir)
-    except FileNotFoundError:
-        return set()
-    done = results[(results["verdict"] != "") & (results["verdict"] != "error")]
-    return set(done["check_id"])
+        selection = json.loads(path.read_text(encoding="utf-8"))
+        suites = selection["suites"]
+        if not isinstance(suites, dict) or not all(
+                isinstance(v, dict) and {"selected", "total"} <= set(v) for v in suites.values()):
+            raise ValueError("suites must map a suite to its selected and total counts")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise DamagedFile(f"{path}: damaged selection record ({err})") from None
+    return selection
 
 
+def write_selection(run_dir: Path, counts: Mapping[str, tuple[int, int]], how: str) -> None:
+    """Record, atomically, how many of each suite's checks a run selected (of how many)."""
+    record = {"suites": {s: {"selected": n, "total": total} for s, (n, total) in counts.items()},
+              "how": how}
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(run_dir) / SELECTION_FILE, json.dumps(record, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------- building rows
@@ -572,10 +623,12 @@ class RunDir:
     def results(self) -> Path:
         return self.path / RESULTS_FILE
 
-    def terms_file(self, check_id: str) -> Path:
-        """Where a check's terms are stored: a readable name plus a hash of the exact id."""
+    def terms_file(self, check_id: str, suite: str = "") -> Path:
+        """Where a check's terms are stored: a readable name plus a hash of the exact suite
+        and id (saebench before 0.2 hashed the id alone; `read_terms` still finds those)."""
         readable = re.sub(r"[^\w.+=-]+", "_", check_id)[:80]
-        return self.path / TERMS_DIR / f"{readable}-{short_hash(check_id)[:8]}.npz"
+        exact = f"{suite}::{check_id}" if suite else check_id
+        return self.path / TERMS_DIR / f"{readable}-{short_hash(exact)[:8]}.npz"
 
 
 TERMS_LIMIT = 1 << 16
@@ -583,14 +636,15 @@ TERMS_LIMIT = 1 << 16
 counts over every sequence would dwarf the rest); checks needing it compare unpaired."""
 
 
-def write_terms(run: RunDir, check_id: str, terms: Mapping[str, Any]) -> Path | None:
+def write_terms(run: RunDir, check_id: str, terms: Mapping[str, Any], suite: str = ""
+                ) -> Path | None:
     """Store a check's per-sequence terms (float64 arrays, one entry per term), atomically;
     None when nothing fits (`TERMS_LIMIT`)."""
     arrays = {name: np.asarray(value, dtype=np.float64) for name, value in terms.items()}
     arrays = {name: a for name, a in arrays.items() if a.ndim == 1 or a.size <= TERMS_LIMIT}
     if not arrays:
         return None
-    target = run.terms_file(check_id)
+    target = run.terms_file(check_id, suite)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".npz")
     try:
@@ -606,15 +660,33 @@ def write_terms(run: RunDir, check_id: str, terms: Mapping[str, Any]) -> Path | 
     return target
 
 
-def read_terms(run: RunDir, check_id: str) -> dict[str, np.ndarray] | None:
-    """A check's stored terms, or None when the run has none for it (or they are damaged)."""
-    path = run.terms_file(check_id)
-    if not path.is_file():
+class DamagedFile(ValueError):
+    """A file of a run directory that exists but cannot be read (truncated, not what its
+    name says); its message is one line naming the file."""
+
+
+def stored_terms_path(run: RunDir, check_id: str, suite: str = "") -> Path | None:
+    """The file holding a check's terms (the older name, by id alone, as a fallback); None
+    when the run stored none."""
+    for path in dict.fromkeys((run.terms_file(check_id, suite), run.terms_file(check_id))):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_terms(run: RunDir, check_id: str, suite: str = "") -> dict[str, np.ndarray] | None:
+    """A check's stored terms, or None when the run has none for it. A file that exists but
+    cannot be read raises `DamagedFile`: comparing without it would hide the damage."""
+    path = stored_terms_path(run, check_id, suite)
+    if path is None:
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError) as err:
-        warnings.warn(f"{path}: unreadable stored terms ({err}); comparing unpaired",
-                      stacklevel=2)
-        return None
+            terms = {name: data[name] for name in data.files}
+    except Exception as err:  # noqa: BLE001 -- zipfile, zlib, numpy: any failure is damage
+        raise DamagedFile(f"{path}: damaged stored terms ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:120]})") from None
+    bad = [n for n, a in terms.items() if a.dtype.kind != "f"]
+    if bad:
+        raise DamagedFile(f"{path}: stored terms {', '.join(bad)} are not floating-point")
+    return terms

@@ -337,7 +337,7 @@ OPTIONS: dict[str, Option] = {
                               "(ratio metrics): random_value and the margin over it",
                               boolean, False),
     "features": Option("feature ids whose cards (contexts, logit lens) the report shows",
-                       _feature_ids, (), in_id=None),
+                       _feature_ids, (), in_id=None, indexes="feature"),
     "by": choice_option("a breakdown, one more row per bucket: none, position (buckets of "
                         "token position) or source (the data's sources)",
                         "none", "position", "source", in_id="key"),

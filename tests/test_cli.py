@@ -73,12 +73,13 @@ def test_the_packaged_toy_suite_runs_by_name_from_an_empty_directory(tmp_path):
     assert (run_dir / "report.md").is_file()
     unknown = saebench_cmd("run", "toy2", cwd=tmp_path)
     assert unknown.returncode == 2
-    assert "suite 'toy2': no such file, nor a packaged suite (the package has: toy)" \
-        in unknown.stderr
-    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", "--suite", "toy",
-                                "--collect-only", "-q", "-p", "no:cacheprovider"],
-                               capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert "302 tests collected" in collected.stdout, collected.stdout[-2000:]
+    assert "suite 'toy2': no such file, nor a packaged suite (the package has: toy, " \
+           "toy-full)" in unknown.stderr
+    for suite, count in (("toy", 45), ("toy-full", 302)):
+        collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", "--suite",
+                                    suite, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                                   capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert f"{count} tests collected" in collected.stdout, collected.stdout[-2000:]
 
 
 def test_the_wheel_ships_the_toy_suite_and_the_zoo(tmp_path):
@@ -89,5 +90,5 @@ def test_the_wheel_ships_the_toy_suite_and_the_zoo(tmp_path):
                     "--no-build-isolation", "-q", "-w", str(tmp_path)], check=True, timeout=600)
     (wheel,) = tmp_path.glob("saebench-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "saebench/suites/toy.yaml" in names
+    assert {"saebench/suites/toy.yaml", "saebench/suites/toy-full.yaml"} <= names
     assert "saebench/zoo/artifacts/manifest.json" in names

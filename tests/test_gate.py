@@ -130,11 +130,16 @@ def test_gate_command_exit_codes_and_missing_rows_both_ways(tmp_path, capsys):
     worse = _run_dir(tmp_path / "worse", [row_of(bad)], {"d::ce_loss_recovered[zero]": bad})
 
     def run(new: Path, baseline: Path, strict: bool = False) -> int:
-        return gate.run(argparse.Namespace(new=new, baseline=baseline, strict=strict))
+        return gate.run(argparse.Namespace(new=new, baseline=baseline, strict=strict,
+                                           allow_incomparable=False))
 
-    assert run(same, old) == 0
+    assert run(same, old) == 1  # a check of the baseline that the run lost fails the gate
     out = capsys.readouterr().out
     assert "gone" in out and "missing" in out and "1 new" in out and "1 same" in out
+    results.write_selection(same, {"": (2, 3)}, "-k 'not gone'")  # left out on purpose
+    assert run(same, old) == 0
+    out = capsys.readouterr().out
+    assert "not selected" in out and "-k 'not gone'" in out and "1 same" in out
     assert run(worse, old) == 1
     out = capsys.readouterr().out
     assert "d::ce_loss_recovered[zero]" in out and "regression" in out and "paired" in out
@@ -151,7 +156,7 @@ def test_write_baseline_keeps_other_rows_and_copies_terms(tmp_path):
     assert sorted(p.name for p in target.iterdir()) == [".results.csv.lock", "results.csv",
                                                         "terms"]  # nothing staged is left
     loaded = gate.Baseline.load(target)
-    assert set(loaded.rows) == {"kept", "d::ce_loss_recovered[zero]"}
+    assert set(loaded.rows) == {("", "kept"), ("", "d::ce_loss_recovered[zero]")}
     np.testing.assert_array_equal(loaded.terms("d::ce_loss_recovered[zero]")["ce_spliced"],
                                   base["ce_spliced"].numpy())
     assert gate.locate(tmp_path / "baselines", "toy") == target
@@ -189,15 +194,17 @@ def test_missing_baseline_is_written_update_regenerates_and_a_substitution_regre
     first.assert_outcomes(failed=2)
     first.stdout.fnmatch_lines(["*[[]new baseline[]]*written to baselines/mini*"])
     assert (pytester.path / "baselines" / "mini" / "results.csv").is_file()
-    run().assert_outcomes(passed=2)
+    second = run()
+    second.assert_outcomes(passed=1)  # the other check has no threshold: measured
+    assert "1 passed, 1 measured" in second.stdout.str()
     suite("resid-L2-poor")
     worse = run()
     worse.assert_outcomes(passed=1, failed=1)  # L0 is within its 50% tolerance
     worse.stdout.fnmatch_lines(["*good::ce_loss_recovered[[]zero[]]: [[]regression[]]*"
                                 "vs baseline*paired bootstrap*"])
-    run("--saebench-update-baseline").assert_outcomes(passed=2)
+    run("--saebench-update-baseline").assert_outcomes(passed=1)
     before = set((pytester.path / "reports").iterdir())
-    run().assert_outcomes(passed=2)
+    run().assert_outcomes(passed=1)
     (last,) = set((pytester.path / "reports").iterdir()) - before  # ids may share a second
     assert set(results.read_results(last)["vs_baseline"]) == {"same"}
 
@@ -205,7 +212,7 @@ def test_missing_baseline_is_written_update_regenerates_and_a_substitution_regre
 def test_an_old_results_csv_without_the_new_columns_is_read_and_resumed(pytester):
     pytester.makefile(".yaml", mini=SUITE.replace("DICT", "resid-L2-topk16"))
     first = pytester.runpytest("-m", "eval", "mini.yaml", "-p", "no:cacheprovider")
-    first.assert_outcomes(passed=2)
+    first.assert_outcomes(passed=1)
     (run_dir,) = (pytester.path / "reports").iterdir()
     frame = pd.read_csv(run_dir / "results.csv", dtype=str, keep_default_na=False)
     old = frame.drop(columns=[*results.IDENTITY_COLUMNS, *results.BASELINE_COLUMNS,
@@ -213,15 +220,13 @@ def test_an_old_results_csv_without_the_new_columns_is_read_and_resumed(pytester
     old.to_csv(run_dir / "results.csv", index=False)
     again = pytester.runpytest("-m", "eval", "mini.yaml", "-p", "no:cacheprovider",
                                f"--saebench-resume={run_dir}")
-    again.assert_outcomes(passed=2)
+    again.assert_outcomes(passed=1)
     assert "2 reused" in again.stdout.str()
     back = results.read_results(run_dir)
     assert set(results.RESULT_COLUMNS) <= set(back.columns) and len(back) == 2
 
 
-TOY_SUBSTITUTE = ('"resid-L2-topk{k}": {zoo: "resid-L2-topk{k}", for: {k: [4, 8, 32]}}',
-                  '"resid-L2-topk{k}": {zoo: "resid-L2-topk{k}", for: {k: [4, 32]}}\n'
-                  '  resid-L2-topk8: {zoo: resid-L2-poor}')
+TOY_SUBSTITUTE = ("dl-L2-topk16: {zoo: dl-L2-topk16}", "dl-L2-topk16: {zoo: resid-L2-poor}")
 
 
 @pytest.mark.parametrize("substituted", [False, True], ids=["unchanged", "poor-substituted"])
@@ -234,18 +239,18 @@ def test_the_toy_suite_against_its_committed_baseline(pytester, substituted, cap
         text = text.replace(*TOY_SUBSTITUTE)
     pytester.makefile(".yaml", toy=text)
     out = pytester.runpytest("-m", "eval", "toy.yaml", "-p", "no:cacheprovider", "-k",
-                             "resid-L2-topk8", "--saebench-baseline",
-                             str(TOY_BASELINE))
+                             "dl-L2-topk16", "--saebench-baseline", str(TOY_BASELINE))
     (run_dir,) = (pytester.path / "reports").iterdir()
-    code = gate.run(argparse.Namespace(new=run_dir, baseline=TOY_BASELINE, strict=False))
+    code = gate.run(argparse.Namespace(new=run_dir, baseline=TOY_BASELINE, strict=False,
+                                       allow_incomparable=False))
     table = capsys.readouterr().out
     if substituted:
         assert out.ret != 0 and code == 1
-        assert "resid-L2-topk8::ce_loss_recovered[zero]" in table and "regression" in table
+        assert "dl-L2-topk16::ce_loss_recovered[zero]" in table and "regression" in table
     else:
         out.assert_outcomes(passed=len(results.read_results(run_dir)))
         assert code == 0, table
-        assert "missing" in table  # the other dictionaries' baseline rows
+        assert "not selected" in table and "-k 'dl-L2-topk16'" in table  # the others
 
 
 def test_the_ci_example_uses_options_that_exist(pytestconfig):

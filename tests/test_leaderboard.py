@@ -20,12 +20,13 @@ from saebench.leaderboard import (
     CSV_FILE,
     MARKDOWN_FILE,
     build,
-    identity,
+    dictionary_key,
     metric_key,
     started_seconds,
     within_noise,
 )
 from saebench.results import append_rows, read_results, row
+from saebench.saebench_core_export import export_core
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "reports" / "example"
 HOOK = "blocks.2.hook_resid_pre"
@@ -138,14 +139,19 @@ def test_metric_key_of_a_check_id() -> None:
         "logit_diff_recovered[ioi,positions=answer]"
 
 
-def test_identity_prefers_weights_then_source_then_name() -> None:
-    base = {"model": "toy", "dictionary": "d", "weights_sha256": "", "source": ""}
-    assert identity({**base, "weights_sha256": "ab12"}) == "sha256:ab12"
-    assert identity({**base, "weights_sha256": "ab12+", "source": "zoo:x"}) == "source:zoo:x"
-    assert identity({**base, "source": "saebench-core:rel:id"}) == identity(
+def test_dictionary_key_prefers_identity_then_weights_then_source_then_name() -> None:
+    base = {"model": "toy", "dictionary": "d", "identity": "", "weights_sha256": "",
+            "source": ""}
+    assert dictionary_key({**base, "identity": "c0ffee", "weights_sha256": "ab12"}) == \
+        "identity:c0ffee"
+    assert dictionary_key({**base, "weights_sha256": "ab12"}) == "sha256:ab12"
+    assert dictionary_key({**base, "weights_sha256": "ab12+", "source": "zoo:x"}) == \
+        "source:zoo:x"
+    assert dictionary_key({**base, "source": "saebench-core:rel:id"}) == dictionary_key(
         {**base, "source": "rel:id", "dictionary": "other"})
-    assert identity({**base, "source": "TopKSAE"}) == "name:toy/d"  # a class name is no identity
-    assert identity({**base, "weights_sha256": math.nan, "source": math.nan}) == "name:toy/d"
+    assert dictionary_key({**base, "source": "TopKSAE"}) == "name:toy/d"  # a class: no key
+    assert dictionary_key({**base, "identity": math.nan, "weights_sha256": math.nan,
+                           "source": math.nan}) == "name:toy/d"
 
 
 def test_started_seconds_reads_epochs_and_dates() -> None:
@@ -168,7 +174,8 @@ def test_the_newest_row_of_a_dictionary_and_key_is_kept(tmp_path: Path) -> None:
     assert list(table.index) == ["renamed", "other"]  # one entry per identity, newest name
     assert table.loc["renamed", CE] == 0.95 and table.loc["renamed", "l0"] == 16.0
     assert table.loc["renamed", "source"] == "run run-old; run run-new"
-    assert table.loc["renamed", "identity"] == "sha256:ab12"
+    assert table.loc["renamed", "entry"] == "sha256:ab12"
+    assert pd.isna(table.loc["renamed", "identity"])  # these older rows have none
 
 
 def test_equal_times_keep_the_later_input(tmp_path: Path) -> None:
@@ -176,6 +183,156 @@ def test_equal_times_keep_the_later_input(tmp_path: Path) -> None:
     second = write_run(tmp_path / "b", rows_of("d", {CE: around(0.6)}, started=5.0))
     build([first, second / "results.csv"], tmp_path / "out")
     assert board(tmp_path / "out")[CE].tolist() == [0.6]
+
+
+# --------------------------------------------------------------------------- entries
+
+
+MODEL_A, MODEL_B = "1adb42a56b00646d", "77e0c9d1f2a3b4c5"
+TOKENS_A, TOKENS_B = "9a3e17b8999250d0", "0d0f3e2a1b4c5d6e"
+POST = "blocks.2.hook_resid_post"
+
+
+def values(out: Path, key: str = CE) -> dict[tuple[str, str], float]:
+    """(dictionary, hook) -> the value of `key`, from the CSV (NaN when missing)."""
+    table = board(out)
+    return {(d, h): v for d, h, v in zip(table["dictionary"], table["hook"], table[key],
+                                         strict=True)}
+
+
+def test_same_weights_under_another_hook_or_args_are_two_entries(tmp_path: Path) -> None:
+    """One file, three declarations (two hooks; other args at one hook): three entries, each
+    with its own numbers, with identities and without (older rows)."""
+    same = {"weights_sha256": "ab12", "source": "zoo:x", "model_hash": MODEL_A,
+            "token_set": TOKENS_A}
+    run = write_run(tmp_path / "run",
+                    rows_of("x-pre", {CE: around(0.9), KL: around(0.95)}, identity="id-pre",
+                            **same),
+                    rows_of("x-post", {CE: around(0.8)}, hook=POST, identity="id-post", **same),
+                    rows_of("x-args", {CE: around(0.5)}, identity="id-args", **same))
+    build([run], tmp_path / "out")
+    assert values(tmp_path / "out") == {("x-pre", HOOK): 0.9, ("x-args", HOOK): 0.5,
+                                        ("x-post", POST): 0.8}
+    kl = values(tmp_path / "out", KL)
+    assert kl[("x-pre", HOOK)] == 0.95 and math.isnan(kl[("x-args", HOOK)])
+    assert set(board(tmp_path / "out")["identity"]) == {"id-pre", "id-post", "id-args"}
+    # the same rows of an older file (no identity): the hook still separates, and two names
+    # of one file in one run are two declarations
+    old = write_run(tmp_path / "old",
+                    rows_of("x-pre", {CE: around(0.9), KL: around(0.95)}, **same),
+                    rows_of("x-post", {CE: around(0.8)}, hook=POST, **same),
+                    rows_of("x-args", {CE: around(0.5)}, **same))
+    build([old], tmp_path / "old-out")
+    assert values(tmp_path / "old-out") == values(tmp_path / "out")
+    assert set(board(tmp_path / "old-out")["entry"]) == {
+        "sha256:ab12#x-pre", "sha256:ab12#x-args", "sha256:ab12"}
+
+
+def test_a_control_sharing_the_weights_keeps_its_own_values(tmp_path: Path) -> None:
+    """ct-clt and ct-clt-shuffled (same weights, `args: {shuffle_decoders: 0}`): the control's
+    loss recovered is never shown beside the real transcoder's KL score, nor replaces it."""
+    same = {"weights_sha256": "34a7da44bc8ce011", "source": "zoo:ct-clt",
+            "model_hash": MODEL_A, "token_set": TOKENS_A}
+    real = {CE: around(0.9696), KL: around(0.9687)}
+    run = write_run(tmp_path / "run",
+                    rows_of("ct-clt", real, identity="real", started=1.0, **same),
+                    rows_of("ct-clt-shuffled", {CE: around(0.1152)}, identity="shuffled",
+                            started=2.0, **same))
+    markdown = build([run], tmp_path / "out").read_text()
+    table = board(tmp_path / "out").set_index("dictionary")
+    assert table.loc["ct-clt", CE] == 0.9696 and table.loc["ct-clt", KL] == 0.9687
+    assert table.loc["ct-clt-shuffled", CE] == 0.1152
+    assert math.isnan(table.loc["ct-clt-shuffled", KL])
+    assert [line.split("|")[2].strip() for line in table_lines(markdown)[2:]] == [
+        "ct-clt", "ct-clt-shuffled"]
+
+
+def test_one_name_of_two_identities_shows_the_entry(tmp_path: Path) -> None:
+    """Two runs of `d` with other args: two entries of one name, told apart on the page."""
+    first = write_run(tmp_path / "a", rows_of("d", {CE: around(0.9)}, identity="aaaa1111"))
+    second = write_run(tmp_path / "b", rows_of("d", {CE: around(0.5)}, identity="bbbb2222"))
+    markdown = build([first, second], tmp_path / "out").read_text()
+    assert sorted(board(tmp_path / "out")[CE]) == [0.5, 0.9]
+    lines = table_lines(markdown)
+    assert "| entry " in lines[0]
+    assert "identity:aaaa1111" in lines[2] and "identity:bbbb2222" in lines[3]
+
+
+@pytest.mark.parametrize(("column", "header", "first", "second"), [
+    ("model_hash", "model hash", MODEL_A, MODEL_B),
+    ("token_set", "token set", TOKENS_A, TOKENS_B),
+])
+def test_one_dictionary_measured_twice_differently_is_two_entries(
+        tmp_path: Path, column: str, header: str, first: str, second: str) -> None:
+    """The same dictionary on a fine-tuned copy of the model, or on other tokens: two
+    entries in one table, which shows what differs and says they are not like for like."""
+    base = {"identity": "c0ffee00", "model_hash": MODEL_A, "token_set": TOKENS_A}
+    a = write_run(tmp_path / "a", rows_of("d", {CE: around(0.9)}, started=1.0,
+                                          **{**base, column: first}))
+    b = write_run(tmp_path / "b", rows_of("d", {CE: around(0.7)}, started=2.0,
+                                          **{**base, column: second}))
+    markdown = build([a, b], tmp_path / "out").read_text()
+    table = board(tmp_path / "out")
+    assert sorted(zip(table[column], table[CE], strict=True)) == sorted(
+        [(first, 0.9), (second, 0.7)])
+    lines = table_lines(markdown)
+    headers = [cell.strip() for cell in lines[0].split("|")]
+    assert header in headers and "entry" not in headers
+    other = ({"model hash", "token set"} - {header}).pop()
+    assert other not in headers  # only what differs
+    cells = {line.split("|")[headers.index(header)].strip() for line in lines[2:]}
+    assert cells == {first[:8], second[:8]}
+    assert f"**Not like for like:** these entries were measured on different " \
+           f"{header.split()[0]}" in markdown
+    # alike: no such column, no such note
+    build([a], tmp_path / "one")
+    assert "Not like for like" not in (tmp_path / "one" / MARKDOWN_FILE).read_text()
+
+
+def test_an_identity_row_never_joins_an_older_row_of_the_same_weights(tmp_path: Path) -> None:
+    old = write_run(tmp_path / "old", rows_of("d", {CE: around(0.5), "l0": 8.0},
+                                              weights_sha256="ab12", started=1.0))
+    new = write_run(tmp_path / "new", rows_of("d", {CE: around(0.9)}, weights_sha256="ab12",
+                                              identity="c0ffee00", started=2.0))
+    build([old, new], tmp_path / "out")
+    table = board(tmp_path / "out").set_index("entry")
+    assert table.loc["sha256:ab12", CE] == 0.5 and table.loc["sha256:ab12", "l0"] == 8.0
+    assert table.loc["identity:c0ffee00", CE] == 0.9
+    assert math.isnan(table.loc["identity:c0ffee00", "l0"])  # not borrowed from the old row
+
+
+def test_an_export_read_back_is_the_same_entry_as_its_run(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", rows_of(
+        "d", {CE: around(0.9), KL: around(0.8), "l0": 16.0}, suite="toy", identity="c0ffee00",
+        weights_sha256="ab12", model_hash=MODEL_A, token_set=TOKENS_A))
+    export_core(run, tmp_path / "exported")
+    build([run, tmp_path / "exported"], tmp_path / "out")
+    table = board(tmp_path / "out")
+    assert len(table) == 1 and table["entry"].tolist() == ["identity:c0ffee00"]
+    assert (table[CE].tolist(), table[KL].tolist(), table["l0"].tolist()) == ([0.9], [0.8], [16])
+
+
+def test_checks_that_measured_nothing_show_a_dash_and_why(tmp_path: Path) -> None:
+    """An unstable ratio (a value the run does not vouch for) and an error are "—" with a
+    footnote, not ranked, not on the front; the CSV says why."""
+    run = write_run(tmp_path / "run",
+                    rows_of("good", {CE: around(0.9), "l0": 16.0, KL: around(0.9)}),
+                    rows_of("shaky", {CE: around(0.97), "l0": 8.0}, verdict="unstable"),
+                    rows_of("broken", {CE: math.nan, "l0": 4.0}, verdict="error"))
+    markdown = build([run], tmp_path / "out").read_text()
+    assert ranked(tmp_path / "out") == [(1, "good"), (None, "shaky"), (None, "broken")]
+    table = board(tmp_path / "out").set_index("dictionary")
+    assert math.isnan(table.loc["shaky", CE]) and not table.loc["shaky", f"pareto_{CE}"]
+    assert json.loads(table.loc["shaky", "missing"]) == {
+        CE: "[unstable] in its run: its denominator is not usable",
+        "l0": "[unstable] in its run: its denominator is not usable"}
+    assert pd.isna(table.loc["good", "missing"])
+    lines = table_lines(markdown)
+    cells = [[cell.strip() for cell in line.split("|")] for line in lines[2:]]
+    assert cells[1][3:6:2] == ["— ¹", "— ¹"] and cells[2][3:6:2] == ["— ²", "— ²"]
+    assert "0.97" not in markdown
+    assert "- ¹ [unstable] in its run: its denominator is not usable" in markdown
+    assert "- ² [error] in its run: could not be computed" in markdown
 
 
 def test_tables_per_model_and_hook(tmp_path: Path) -> None:
@@ -282,15 +439,17 @@ def test_saebench_imports_merge_and_are_marked(tmp_path: Path) -> None:
     assert list(table.index) == ["layer_12/width_16k/canonical", "other"]
     entry = table.iloc[0]
     assert entry[CE] == 0.99 and entry[KL] == 0.9  # the newer, imported, CE; our KL
-    assert entry["imported"] == f"{CE};explained_variance_uncentred;l0"
+    assert entry["imported"] == f"{CE};explained_variance_saebench;l0"
     assert entry["architecture"] == "jumprelu" and entry["d_sae"] == 1024
     lines = table_lines(markdown)
-    assert "explained_variance_uncentred (SAEBench's uncentred EV) ↑" in lines[0]
+    assert "explained_variance_saebench (SAEBench's EV) ↑" in lines[0]
     assert " 0.99 † |" in lines[2] and " 0.9 [0.899, 0.901] |" in lines[2]
     assert "| rel:layer_12/width_16k/canonical · SAEBench core † |" in lines[2]
     assert " 80 † |" in lines[2] and "†" not in lines[3]
     assert "† imported from SAEBench core-eval results" in markdown
-    assert "uncentred, so it runs higher than saebench's centred" in markdown
+    assert "`explained_variance_saebench` is SAEBench 0.6.0's explained variance, 1 − " \
+           "E‖x − x̂‖² / (E‖x‖² − (E‖x‖²/d_in)²): it runs higher than saebench's centred" \
+        in markdown
 
 
 def test_a_folder_of_core_files(tmp_path: Path) -> None:

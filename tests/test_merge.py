@@ -13,6 +13,8 @@ from saebench import results
 from saebench.cli import main
 from saebench.merge import MergeError, merge
 
+pytestmark = pytest.mark.slow  # three shard runs and a serial one, each its own process
+
 PER_RUN = ["run_id", "started_at", "duration_s"]
 """Columns that differ between any two runs of the same checks."""
 

@@ -8,6 +8,7 @@ import pytest
 from toys import MINI_SUITE, run_suite
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a local Ray cluster per test
 
 pytest_plugins = ["pytester"]
 PER_RUN = ["run_id", "started_at", "duration_s"]

@@ -508,8 +508,8 @@ def test_new_run_id_sorts_by_time() -> None:
 
 
 def test_marks_cover_every_verdict() -> None:
-    verdicts = {"pass", "fail", "xfail", "xpass", "error", "empty", "unstable", "skipped",
-                "regression", "noisy"}
+    verdicts = {"pass", "fail", "measured", "xfail", "xpass", "error", "empty", "unstable",
+                "skipped", "regression", "noisy"}
     assert set(VERDICT_MARKS) == set(report.VERDICT_MEANINGS) == verdicts
     assert len(set(VERDICT_MARKS.values())) == len(VERDICT_MARKS)
     assert not any("\ufe0f" in mark for mark in VERDICT_MARKS.values())
@@ -540,5 +540,6 @@ def imported_modules(module) -> set[str]:
 
 
 def test_report_imports_rows_and_plots_only() -> None:
-    imported = imported_modules(report) - {"saebench", "saebench.results", "saebench.plots"}
+    imported = imported_modules(report) - {"saebench", "saebench.results", "saebench.plots",
+                                           "saebench.verdicts"}
     assert not {m for m in imported if m.split(".")[0] in ("torch", "pytest", "saebench")}

@@ -18,6 +18,7 @@ from sae_lens.loading import pretrained_sae_loaders
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import save_file
+from tolerances import f32_error
 from transformer_lens import HookedTransformer
 
 from saebench import loading, resolve
@@ -45,8 +46,11 @@ def documents() -> list[str]:
 
 
 def _same_outputs(a: HookedTransformer, b: HookedTransformer) -> bool:
+    """Exactly the same logits: models loaded as saved hold the same float32 weights and run
+    the same TransformerLens code, the same arithmetic (a loader that folded or centred
+    weights would change their rounding, and a wrong one far more)."""
     tokens = loading.load_heldout_tokens()[:2, :32]
-    return torch.allclose(a(tokens), b(tokens), atol=1e-5)
+    return torch.equal(a(tokens), b(tokens))
 
 
 # ---------------------------------------------------------------------------- zoo
@@ -143,6 +147,11 @@ def test_training_sae_dir_loads_as_its_inference_sae(tmp_path, architecture):
     x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         own = training.eval().encode(x)
+        # the training encode against the inference one: the same features in another
+        # order of float32 operations, measured on 256 inputs like x (`f32_error`); a lost
+        # threshold, k or gate moves features by O(1)
+        tol = f32_error(training, torch.randn(256, 6, generator=torch.Generator().manual_seed(2)),
+                        method="encode")
         training.save_inference_model(str(tmp_path / "reference"))  # sae_lens' conversion
     reference = SAE.load_from_disk(str(tmp_path / "reference"))
     spec = DictionarySpec("mine", "path", "trained", line=9)
@@ -157,11 +166,12 @@ def test_training_sae_dir_loads_as_its_inference_sae(tmp_path, architecture):
         assert type(loaded) is type(reference)
         with torch.no_grad():
             features = loaded.encode(x)
+            # exact: the same class and weights, the same arithmetic
             assert torch.equal(features, reference.encode(x))
             assert torch.equal(loaded.decode(features), reference.decode(features))
     assert 0 < features.count_nonzero() < features.numel()
     if architecture not in SAVED_AS:
-        assert torch.allclose(features, own, atol=1e-5)
+        torch.testing.assert_close(features, own, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize(("architecture", "message"), [
@@ -215,7 +225,9 @@ def test_hugging_face_checkpoint_dir_loads_offline(tmp_path):
     tokenizer.save_pretrained(tmp_path / "hf")
     model = resolve.resolve_model(ModelSpec("path", path=str(tmp_path / "hf")), **CPU)
     tokens = model.to_tokens("Rose gave a flower to Paul")
-    assert torch.allclose(model(tokens), hf_model(tokens).logits, atol=1e-5)
+    # TransformerLens against Hugging Face: the same function in other orders (`f32_error`)
+    torch.testing.assert_close(model(tokens), hf_model(tokens).logits, rtol=0,
+                               atol=f32_error(model, tokens))
     assert model.cfg.n_ctx == 64 and model.cfg.normalization_type == "LN"
 
 

@@ -23,7 +23,6 @@ from saebench.results import (
     RunDir,
     append_rows,
     check_results_header,
-    finished_check_ids,
     read_results,
     read_table,
     read_terms,
@@ -55,18 +54,6 @@ def test_read_results_types_and_last_row_wins(tmp_path: Path) -> None:
     assert results["value"].dtype == "float64" and results["n"].dtype == "Int64"
     assert results["higher_is_better"].dtype == "boolean"
     assert read_results(tmp_path / "results.csv").equals(results)  # a file path works too
-
-
-def test_finished_check_ids(tmp_path: Path) -> None:
-    assert finished_check_ids(tmp_path / "missing") == set()
-    append_rows(tmp_path / "results.csv", [
-        result("retried", "error"), result("failed", "fail"), result("broke", "pass"),
-        result("retried", "pass"), result("broke", "error"), result("skip", "skipped"),
-    ])
-    assert finished_check_ids(tmp_path) == {"retried", "failed", "skip"}
-
-
-# --------------------------------------------------------------------------- appends
 
 
 def test_append_writes_the_header_once_and_checks_keys(tmp_path: Path) -> None:

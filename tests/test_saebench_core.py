@@ -13,16 +13,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from saebench import results, saebench_core
+from saebench import results, saebench_core, saebench_core_export
 from saebench.metrics import get_metric
 from saebench.saebench_core import (
     HIGHER_IS_BETTER,
     add_export_arguments,
-    export_core,
     read_core_results,
     run_export,
 )
+from saebench.saebench_core_export import ExportKey, export_core, export_name
+from saebench.saebench_core_fields import COMPUTE_FLAGS, FILE_SUFFIX
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "reports" / "example"
 CATEGORIES = {
@@ -44,14 +47,16 @@ SHARED_KEYS = ("ce_loss_recovered[zero]", "kl_div_score[zero]", "kl_div", "l0", 
 
 
 def core_json(sae_id: str | None, release: str | None, ev: float, **metrics) -> dict:
-    """A SAEBench core eval output, as SAEBench writes it, with `metrics` overriding fields
-    of eval_result_metrics (`category={...}`)."""
+    """A SAEBench core eval output, shaped as SAEBench 0.6.0's CoreEvalOutput (every
+    compute_* flag of CoreEvalConfig true), with `metrics` overriding fields of
+    eval_result_metrics (`category={...}`)."""
     categories = {
         "model_behavior_preservation": {"kl_div_score": 0.95, "kl_div_with_ablation": 8.0,
                                         "kl_div_with_sae": 0.4},
         "model_performance_preservation": {"ce_loss_score": 0.9, "ce_loss_with_ablation": 10.0,
                                            "ce_loss_with_sae": 3.7, "ce_loss_without_sae": 3.0},
-        "reconstruction_quality": {"explained_variance": ev, "mse": 2.5, "cossim": 0.93},
+        "reconstruction_quality": {"explained_variance": ev, "explained_variance_legacy": ev,
+                                   "mse": 2.5, "cossim": 0.93},
         "shrinkage": {"l2_norm_in": 50.0, "l2_norm_out": 48.0, "l2_ratio": 0.96,
                       "relative_reconstruction_bias": 0.98},
         "sparsity": {"l0": 82.5, "l1": 310.0},
@@ -67,10 +72,13 @@ def core_json(sae_id: str | None, release: str | None, ev: float, **metrics) -> 
         categories[category] = {**categories[category], **fields}
     return {
         "eval_type_id": "core",
-        "eval_config": {"model_name": "gemma-2-2b", "n_eval_reconstruction_batches": 200,
+        "eval_config": {"model_name": "gemma-2-2b", "llm_dtype": "bfloat16",
+                        "n_eval_reconstruction_batches": 200,
                         "n_eval_sparsity_variance_batches": 2000, "batch_size_prompts": 16,
                         "context_size": 128, "dataset": "Skylion007/openwebtext",
-                        "exclude_special_tokens_from_reconstruction": True},
+                        **dict.fromkeys(COMPUTE_FLAGS.values(), True),
+                        "compute_featurewise_weight_based_metrics": True,
+                        "exclude_special_tokens_from_reconstruction": True, "verbose": False},
         "eval_id": "0c057d5e-9c3f-4b2a-8e4b-1d2f3a4b5c6d",
         "datetime_epoch_millis": 1732012345678,
         "eval_result_metrics": categories,
@@ -121,7 +129,7 @@ def test_import_keys_values_and_identity(saebench_dir: Path) -> None:
     rows = by_key(frame)
     assert set(rows) == {
         "ce_loss_recovered[zero]", "kl_div_score[zero]", "kl_div", "l0", "cossim", "l2_ratio",
-        "relative_reconstruction_bias", "explained_variance_uncentred", "mse_per_position",
+        "relative_reconstruction_bias", "explained_variance_saebench", "mse_per_position",
         "dense_fraction[dense_threshold=0.01]", "dense_fraction[dense_threshold=0.1]"}
     assert rows["ce_loss_recovered[zero]"]["value"] == 0.9
     assert json.loads(rows["ce_loss_recovered[zero]"]["parts"]) == {
@@ -151,12 +159,16 @@ def test_import_has_no_intervals_and_marks_rows_imported(saebench_dir: Path) -> 
     assert frame["higher_is_better"].notna().all()
 
 
-def test_uncentred_ev_and_per_position_mse_are_labelled(saebench_dir: Path) -> None:
+def test_saebench_ev_and_per_position_mse_are_labelled(saebench_dir: Path) -> None:
+    """SAEBench 0.6.0's explained_variance is neither centred nor uncentred (its denominator
+    is E‖x‖² − (E‖x‖²/d_in)²): imported under its own key, with its formula."""
     rows = by_key(read_core_results(saebench_dir / "core" / "custom_sae_eval_results.json"))
     assert "explained_variance" not in rows and "mse" not in rows
-    ev, mse = rows["explained_variance_uncentred"], rows["mse_per_position"]
+    assert "explained_variance_uncentred" not in rows
+    ev, mse = rows["explained_variance_saebench"], rows["mse_per_position"]
     assert ev["value"] == 0.7 and ev["higher_is_better"] is True
-    assert ev["metric"] == "explained_variance_uncentred" and "uncentred" in ev["message"]
+    assert ev["metric"] == "explained_variance_saebench"
+    assert "(E‖x‖²/d_in)²" in ev["message"]
     assert mse["value"] == 2.5 and mse["higher_is_better"] is False
     assert "per position" in mse["message"]
 
@@ -173,7 +185,10 @@ def test_import_directory_sorted_and_without_ids(saebench_dir: Path) -> None:
 def test_import_skips_null_metrics_and_empty_directory(tmp_path: Path) -> None:
     data = core_json("a", "r", 0.8, sparsity={"l0": None}, shrinkage={"l2_ratio": float("nan")})
     rows = by_key(read_core_results(write_json(tmp_path / "a_eval_results.json", data)))
-    assert "l0" not in rows and "l2_ratio" not in rows and "cossim" in rows
+    assert "l0" not in rows and rows["cossim"]["value"] == 0.93
+    # a NaN (which Python's json writes and reads) is no measurement: missing, with the reason
+    assert math.isnan(rows["l2_ratio"]["value"]) and rows["l2_ratio"]["verdict"] == "nan"
+    assert saebench_core.missing_reason_of(rows["l2_ratio"]) == "not a finite number"
     (tmp_path / "nothing").mkdir()
     empty = read_core_results(tmp_path / "nothing")
     assert empty.empty and list(empty.columns) == results.RESULT_COLUMNS
@@ -216,6 +231,7 @@ def test_higher_is_better_matches_the_registry() -> None:
     registered = {k: v for k, v in HIGHER_IS_BETTER.items() if k not in saebench_core._DISTINCT}
     assert registered == {k: get_metric(k).higher_is_better for k in registered}
     assert HIGHER_IS_BETTER["explained_variance_uncentred"] is True
+    assert HIGHER_IS_BETTER["explained_variance_saebench"] is True
     assert HIGHER_IS_BETTER["mse_per_position"] is False
 
 
@@ -226,11 +242,13 @@ def test_export_example_envelope_and_categories(example_run: Path, tmp_path: Pat
     files = export_core(example_run, tmp_path / "out")
     original = results.read_results(example_run)
     singles = [d for d in dict.fromkeys(original["dictionary"]) if "+" not in d]
+    firsts = [original[original["dictionary"] == d].iloc[0] for d in singles]
     assert [f.name for f in files] == [
-        f"{d}_{original[original['dictionary'] == d]['hook'].iloc[0]}_eval_results.json"
-        for d in singles]
-    data = json.loads((tmp_path / "out" / "resid-L2-topk16_blocks.2.hook_resid_pre"
-                       "_eval_results.json").read_text(encoding="utf-8"))
+        export_name(ExportKey(r["suite"], r["dictionary"],
+                              "" if pd.isna(r["identity"]) else r["identity"]), r["hook"])
+        for r in firsts]
+    (file,) = (tmp_path / "out").glob("resid-L2-topk16_blocks.2.hook_resid_pre-*")
+    data = json.loads(file.read_text(encoding="utf-8"))
     assert data["eval_type_id"] == "core" and data["eval_id"] == original["run_id"].iloc[0]
     assert isinstance(data["datetime_epoch_millis"], int)
     assert data["eval_result_details"] == []
@@ -242,6 +260,12 @@ def test_export_example_envelope_and_categories(example_run: Path, tmp_path: Pat
     config = data["eval_config"]
     assert config["model_name"] == "zoo" and config["token_set"] == "9a3e17b8999250d0"
     assert config["n_sequences"] == 581 and config["saebench_version"] == "0.1.0"
+    first = original[original["dictionary"] == "resid-L2-topk16"].iloc[0]
+    assert (config["saebench_suite"], config["saebench_dictionary"]) == (
+        first["suite"], "resid-L2-topk16")
+    assert config["saebench_model_hash"] == first["model_hash"]
+    assert data["eval_result_unstructured"]["missing"]["sparsity.l1"] == \
+        "saebench does not measure it"
     definitions = config["saebench_definitions"]
     assert "uncentred" in definitions["explained_variance"]
     assert "centred" in definitions["explained_variance_centred"]
@@ -270,8 +294,13 @@ def test_export_example_values_and_nulls(example_run: Path, tmp_path: Path) -> N
     assert metrics["misc_metrics"]["frac_alive"] is None
     assert metrics["misc_metrics"]["freq_over_10_percent"] == \
         rows["dense_fraction[dense_threshold=0.1]"]["value"]
+    missing = data["eval_result_unstructured"]["missing"]
+    assert {f"shrinkage.{f}" for f in CATEGORIES["shrinkage"]} <= set(missing)
+    assert missing["shrinkage.l2_ratio"] == "not measured in this run"
+    nulls = {f"{c}.{f}" for c, fields in metrics.items() for f, v in fields.items() if v is None}
+    assert set(missing) == nulls  # every null says why, and only nulls
     intervals = data["eval_result_unstructured"]["intervals"]
-    assert intervals["cossim"] == {"value": rows["cossim"]["value"],
+    assert intervals["cossim"] == {"verdict": "xfail", "value": rows["cossim"]["value"],
                                    "ci_low": rows["cossim"]["ci_low"],
                                    "ci_high": rows["cossim"]["ci_high"], "n": 581}
     assert intervals["dead_fraction"]["ci_low"] is None
@@ -284,8 +313,10 @@ def test_round_trip_of_the_example(example_run: Path, tmp_path: Path) -> None:
     compared = 0
     for dictionary in (d for d in dict.fromkeys(original["dictionary"]) if "+" not in d):
         theirs = by_key(original[original["dictionary"] == dictionary])
-        hook = next(iter(theirs.values()))["hook"]
-        mine = by_key(imported[imported["dictionary"] == f"{dictionary}_{hook}"])
+        mine = by_key(imported[imported["dictionary"] == dictionary])
+        first = next(iter(mine.values()))
+        for column in ("suite", "model", "hook", "model_hash", "token_set", "weights_sha256"):
+            assert first[column] == next(iter(theirs.values()))[column], column
         for key in SHARED_KEYS:
             if key in theirs:
                 assert mine[key]["value"] == theirs[key]["value"], (dictionary, key)
@@ -331,7 +362,9 @@ def handmade_run(tmp_path: Path,
 def test_export_handmade_run(tmp_path: Path) -> None:
     run = handmade_run(tmp_path)
     files = export_core(run, tmp_path / "out")
-    assert [f.name for f in files] == ["res_L12_blocks.12.hook_resid_post_eval_results.json"]
+    assert [f.name for f in files] == [
+        export_name(ExportKey("mine", "res/L12", ""), "blocks.12.hook_resid_post")]
+    assert files[0].name.startswith("res_L12_blocks.12.hook_resid_post-")
     data = json.loads(files[0].read_text(encoding="utf-8"))
     assert data["eval_id"] == "20261201-153000-ab12"
     assert data["datetime_epoch_millis"] == 1795441599250
@@ -372,11 +405,49 @@ def test_export_of_a_zoo_dictionary_keeps_its_source(tmp_path: Path) -> None:
 def test_export_writes_strict_json(tmp_path: Path) -> None:
     run = handmade_run(tmp_path)
     results.append_rows(run / results.RESULTS_FILE, [results.row(
-        run_id="20261201-153000-ab12", check_id="res/L12::l2_ratio", dictionary="res/L12",
-        metric="l2_ratio", value=float("inf"), verdict="unstable", n=64)])
+        run_id="20261201-153000-ab12", suite="mine", check_id="res/L12::l2_ratio",
+        dictionary="res/L12", metric="l2_ratio", value=float("inf"), verdict="unstable", n=64)])
     (file,) = export_core(run, tmp_path / "out")
     data = json.loads(file.read_text(encoding="utf-8"), parse_constant=pytest.fail)
     assert data["eval_result_metrics"]["shrinkage"]["l2_ratio"] is None
+
+
+KEYS = st.builds(ExportKey, st.text(max_size=12), st.text(min_size=1, max_size=40),
+                 st.text(alphabet="0123456789abcdef", max_size=16))
+
+
+@given(st.lists(st.tuples(KEYS, st.text(max_size=40)), unique_by=lambda pair: pair[0],
+                max_size=40))
+def test_export_names_are_distinct_file_names(pairs: list[tuple[ExportKey, str]]) -> None:
+    names = [export_name(key, hook) for key, hook in pairs]
+    assert len(set(names)) == len(names)
+    for name in names:
+        assert name.endswith(FILE_SUFFIX) and not name.startswith(".")
+        assert "/" not in name and "\0" not in name and len(name.encode()) <= 255
+
+
+def test_export_names_stay_readable() -> None:
+    hook = "blocks.2.hook_resid_pre"
+    names = [export_name(ExportKey(suite, dictionary, ""), hook)
+             for suite, dictionary in (("toy", "x/y"), ("toy", "x_y"), ("other", "x_y"))]
+    assert len(set(names)) == 3
+    assert all(name.startswith(f"x_y_{hook}-") for name in names)
+    assert export_name(ExportKey("toy", "a", "c0ffee"), hook) == \
+        export_name(ExportKey("toy", "a", "c0ffee"), hook)  # a re-export finds its file
+
+
+def test_export_refuses_two_dictionaries_of_one_name(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should two keys ever share a name, nothing is written rather than one overwritten."""
+    run = handmade_run(tmp_path)
+    results.append_rows(run / results.RESULTS_FILE, [results.row(
+        suite="mine", check_id="other::l0", dictionary="other", metric="l0", value=2.0,
+        verdict="pass")])
+    assert len(export_core(run, tmp_path / "fine")) == 2
+    monkeypatch.setattr(saebench_core_export, "export_name", lambda key, hook: "same.json")
+    with pytest.raises(ValueError, match="two dictionaries would share this file name"):
+        export_core(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- command line
@@ -398,8 +469,8 @@ def test_cli_writes_and_prints_files(example_run: Path, tmp_path: Path, capsys) 
 def test_cli_default_out_and_format(tmp_path: Path, capsys) -> None:
     run = handmade_run(tmp_path)
     assert export(str(run)) == 0
-    assert capsys.readouterr().out.strip() == str(
-        run / "saebench-core" / "res_L12_blocks.12.hook_resid_post_eval_results.json")
+    assert capsys.readouterr().out.strip() == str(run / "saebench-core" / export_name(
+        ExportKey("mine", "res/L12", ""), "blocks.12.hook_resid_post"))
 
 
 @pytest.mark.parametrize(("setup", "extra", "message"), [

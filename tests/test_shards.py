@@ -48,18 +48,18 @@ def test_every_group_is_in_one_shard_balanced_and_order_free(costs, count, seed)
 
 @pytest.fixture(scope="module")
 def toy_run():
-    run = SuiteRun(load_suite(suite_arg("toy")), RunSettings(device="cpu"))
+    run = SuiteRun(load_suite(suite_arg("toy-full")), RunSettings(device="cpu"))
     run.prepare()
     return run
 
 
 def test_prefix_groups_share_suite_data_and_first_spliced_layer(toy_run):
     groups = {c.id: toy_run.prefix_group(c) for c in toy_run.suite.checks}
-    assert groups["resid-L2-topk16::l0"] == "toy:tokens:L2"
-    assert groups["transcoder-L3::ce_loss_recovered[zero]"] == "toy:tokens:L3"
+    assert groups["resid-L2-topk16::l0"] == "toy-full:tokens:L2"
+    assert groups["transcoder-L3::ce_loss_recovered[zero]"] == "toy-full:tokens:L3"
     ioi = [c for c in toy_run.suite.checks if c.task == "ioi" and c.dictionaries == (
         "resid-L1-topk16",)]
-    assert ioi and {groups[c.id] for c in ioi} == {"toy:ioi:L1"}
+    assert ioi and {groups[c.id] for c in ioi} == {"toy-full:ioi:L1"}
     spliced_sets = [c for c in toy_run.suite.checks if len(c.dictionaries) > 1]
     for check in spliced_sets:  # a set starts at its earliest layer
         layers = [int(d.split("-L")[1][0]) for d in check.dictionaries if "-L" in d]
@@ -69,10 +69,10 @@ def test_prefix_groups_share_suite_data_and_first_spliced_layer(toy_run):
 def test_costs_follow_passes_layers_and_tokens(toy_run):
     costs = toy_run.prefix_costs(toy_run.suite.checks)
     n_layers, n_tokens = toy_run.model.cfg.n_layers, toy_run.tokens.numel()
-    checks = [c for c in toy_run.suite.checks if toy_run.prefix_group(c) == "toy:tokens:L3"]
+    checks = [c for c in toy_run.suite.checks if toy_run.prefix_group(c) == "toy-full:tokens:L3"]
     requests = {key for c in checks for key in toy_run._keys(c)}
-    assert costs["toy:tokens:L3"] == n_tokens * (n_layers + len(requests) * (n_layers - 3))
-    assert costs["toy:tokens:L0"] > costs["toy:tokens:L3"]
+    assert costs["toy-full:tokens:L3"] == n_tokens * (n_layers + len(requests) * (n_layers - 3))
+    assert costs["toy-full:tokens:L0"] > costs["toy-full:tokens:L3"]
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
@@ -88,7 +88,7 @@ def test_every_shard_of_the_toy_suite_gets_work_and_loads_stay_balanced(toy_run,
 def test_the_plugin_deselects_other_shards_checks_keeping_groups_whole(pytester, toy_run):
     def collected(*args: str) -> list[str]:
         out = pytester.runpytest_inprocess("--collect-only", "-q", "-m", "eval", "--suite",
-                                           "toy", "-p", "no:cacheprovider", *args)
+                                           "toy-full", "-p", "no:cacheprovider", *args)
         return [line.split("::", 1)[1] for line in out.outlines if "::" in line]
 
     everything = collected()

@@ -8,11 +8,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tolerances import F64_RECOMPUTE
 
 from saebench.metrics import get_metric
 from saebench.stats import Summary, bootstrap_weights, ratio_of_means, summarize
 
 F64 = torch.float64
+
+
+def close(x: float, cancelling: float = 1.0):
+    """`x` to `F64_RECOMPUTE`: the float64 arithmetic of `saebench.stats` done here in
+    another order, widened by `cancelling` (Σ|xᵢ| / |Σxᵢ|) where a difference cancels."""
+    return pytest.approx(x, rel=F64_RECOMPUTE * cancelling, abs=0)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -41,8 +48,8 @@ def _features(n: int, d_sae: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_ratio_of_means_is_not_the_mean_of_ratios():
     num, den = torch.tensor([1.0, 1.0], dtype=F64), torch.tensor([1.0, 3.0], dtype=F64)
-    assert ratio_of_means(num, den).item() == pytest.approx(0.5)
-    assert (num / den).mean().item() == pytest.approx(2 / 3)
+    assert ratio_of_means(num, den).item() == close(0.5)
+    assert (num / den).mean().item() == close(2 / 3)
 
 
 def test_summarize_returns_the_ratio_of_pooled_means():
@@ -52,13 +59,14 @@ def test_summarize_returns_the_ratio_of_pooled_means():
              "ce_spliced": torch.tensor([25.0, 29.0], dtype=F64),
              "ce_zero": torch.tensor([30.0, 110.0], dtype=F64)}
     s = summarize(get_metric("ce_loss_recovered"), terms, n_boot=0)
-    assert s.value == pytest.approx((140 - 54) / (140 - 40))
-    assert s.value != pytest.approx((0.5 + 0.9) / 2)
+    assert s.value == close((140 - 54) / (140 - 40))
+    assert s.value != close((0.5 + 0.9) / 2)  # 0.16 away
 
 
 def test_bootstrap_weights_are_resample_counts():
     w = bootstrap_weights(50, 200, seed=3)
     assert w.shape == (200, 50) and w.dtype == F64
+    # exact: counts, and the same generator seeded the same way
     assert (w.sum(1) == 50).all() and (w == w.round()).all() and (w >= 0).all()
     assert torch.equal(w, bootstrap_weights(50, 200, seed=3))
     assert not torch.equal(w, bootstrap_weights(50, 200, seed=4))
@@ -73,7 +81,9 @@ def test_interval_is_the_percentile_of_resampled_aggregates():
     t = {k: w @ v.numpy() for k, v in terms.items()}
     values = (t["ce_zero"] - t["ce_spliced"]) / (t["ce_zero"] - t["ce_clean"])
     lo, hi = np.percentile(values, [2.5, 97.5])
-    assert (s.ci_low, s.ci_high) == pytest.approx((lo, hi), rel=1e-12)
+    # numpy's sums of 40 weighted terms against torch's; the differences of two sums cancel
+    # by at most 3× here (CE 3-7 nats per token)
+    assert (s.ci_low, s.ci_high) == close((lo, hi), cancelling=3)
 
 
 @pytest.mark.parametrize("name", ["ce_loss_recovered", "delta_ce", "kl_div", "kl_div_score"])
@@ -101,8 +111,9 @@ def test_paired_resampling_gives_zero_width_for_perfectly_correlated_parts():
     terms["ce_spliced"] = terms["ce_clean"] + 0.25 * (terms["ce_zero"] - terms["ce_clean"])
     metric = get_metric("ce_loss_recovered")
     s = summarize(metric, terms)
-    assert s.value == pytest.approx(0.75)
-    assert s.ci_high - s.ci_low < 1e-12
+    # 0.75 by construction up to the rounding of the terms made here; every resample too
+    assert s.value == close(0.75)
+    assert s.ci_high - s.ci_low < 2 * F64_RECOMPUTE
     # unpaired resampling (independent weights per term) would give a wide interval
     w1, w2 = bootstrap_weights(60, 1000, 0), bootstrap_weights(60, 1000, 1)
     num = w1 @ (terms["ce_zero"] - terms["ce_spliced"])
@@ -118,8 +129,10 @@ def test_unstable_when_the_denominator_interval_straddles_zero():
     assert s.verdict == "unstable"
     assert "CE_abl − CE_clean" in s.reason and "CI [" in s.reason
     assert math.isfinite(s.value) and math.isfinite(s.ci_low)  # kept for the reader
-    assert s.parts["denominator"] == pytest.approx(
-        ((terms["ce_zero"] - terms["ce_clean"]).sum() / terms["n_pred"].sum()).item())
+    gap = terms["ce_zero"] - terms["ce_clean"]
+    cancelling = float((terms["ce_zero"].abs() + terms["ce_clean"].abs()).sum() / gap.sum().abs())
+    assert s.parts["denominator"] == close((gap.sum() / terms["n_pred"].sum()).item(),
+                                           cancelling)
 
 
 def test_unstable_when_the_denominator_is_tiny_even_with_a_tight_interval():
@@ -128,7 +141,7 @@ def test_unstable_when_the_denominator_is_tiny_even_with_a_tight_interval():
     terms["kl_spliced"] = terms["n_pred"] * 5e-5
     s = summarize(get_metric("kl_div_score"), terms)
     assert s.verdict == "unstable" and "KL_abl" in s.reason and "0.0001" in s.reason
-    assert s.value == pytest.approx(0.5) and s.ci_high - s.ci_low < 1e-9
+    assert s.value == close(0.5) and s.ci_high - s.ci_low < 2 * F64_RECOMPUTE
     assert summarize(get_metric("kl_div_score"), terms, min_denominator=1e-5).verdict == "ok"
 
 
@@ -215,8 +228,9 @@ def test_chunked_wide_terms_equal_the_unchunked_result(name: str):
     w = bootstrap_weights(40, 300, 0)
     resampled = {k: w @ v for k, v in terms.items()}
     values = metric.aggregate(resampled, {})
-    assert (whole.ci_low, whole.ci_high) == pytest.approx(
-        tuple(values.quantile(torch.tensor([0.025, 0.975], dtype=F64)).tolist()), rel=1e-12)
+    # the variance E‖x‖² − ‖E x‖² of activations 3 ± 1 cancels 10-fold
+    assert (whole.ci_low, whole.ci_high) == close(
+        tuple(values.quantile(torch.tensor([0.025, 0.975], dtype=F64)).tolist()), cancelling=10)
 
 
 def test_dead_fraction_has_no_interval_because_resampling_biases_it():
@@ -235,4 +249,5 @@ def test_summary_is_a_plain_record():
     s = summarize(get_metric("delta_ce"), _downstream(10))
     assert isinstance(s, Summary)
     assert set(s.parts) == {"n_pred", "ce_clean", "ce_spliced"}
-    assert s.value == pytest.approx(s.parts["ce_spliced"] - s.parts["ce_clean"])
+    spliced, clean = s.parts["ce_spliced"], s.parts["ce_clean"]
+    assert s.value == close(spliced - clean, (spliced + clean) / (spliced - clean))

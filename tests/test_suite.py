@@ -649,6 +649,8 @@ def test_suite_error_pickles_and_keeps_its_parts():
     ("== 0", "value", "==", 0.0, "== 0"),
 ])
 def test_threshold_forms(text, target, op, bound, canonical):
+    # exact: a decimal literal parses to its nearest float, as Python's does, and the text
+    # of a float (its shortest repr) parses back to the same float
     threshold = parse_threshold(text)
     assert threshold == Threshold(target, op, bound)
     assert str(threshold) == canonical

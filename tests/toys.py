@@ -119,3 +119,14 @@ def run_suite(where: Path, out: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+
+
+def run_suite_files(where: Path, files: list[str], out: str, *args: str) -> Path:
+    """Run suite files of `where` as one run in a fresh process with one torch thread; the
+    run directory it wrote under `where/out`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "eval", *files, "-q",
+                           "-p", "no:cacheprovider", f"--saebench-report-dir={out}", *args],
+                          cwd=where, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return max((where / out).iterdir(), key=lambda p: p.stat().st_mtime)

@@ -1,24 +1,33 @@
 """`sparsify:` dictionaries: a directory EleutherAI's sparsify (`eai-sparsify`) wrote for one
-hookpoint, loaded by sparsify's own `SparseCoder.load_from_disk` (`pip install
-"saebench[sparsify]"`).
+hookpoint, read here with safetensors alone (sparsify is not needed to evaluate one).
 
 The directory holds `cfg.json` (sparsify's `SparseCoderConfig` plus `d_in`) and
 `sae.safetensors` (`encoder.weight` [latents, d_in], `encoder.bias`, `W_dec` [latents, d_in],
-`b_dec`, and `W_skip` [d_in, d_in] with a skip connection); it is named after the Hugging Face
-module it was trained on (`layers.6`, `layers.6.mlp`). Without `hook:`, that name is mapped to
-TransformerLens hooks: an SAE reads and writes the module's output, a transcoder reads its
-input and writes its output. The probe reads the config and the weights header only.
+`b_dec`, and `W_skip` [d_in, d_in] with a skip connection, all of one dtype, kept as stored);
+it is named after the Hugging Face module it was trained on (`layers.6`, `layers.6.mlp`).
+Without `hook:`, that name is mapped to TransformerLens hooks: an SAE reads and writes the
+module's output, a transcoder reads its input and writes its output. The probe reads the
+config and the weights header only.
+
+sparsify's equations (`SparseCoder.encode`/`decode`/`forward`), which `SparsifyCoder` runs:
+
+    pre   = relu((x - b_dec if an SAE else x) @ encoder.weightᵀ + encoder.bias)
+    feats = top-k of pre (`activation: topk`), or the maximum of each of k contiguous groups
+            of latents/k (`activation: groupmax`); the others zero
+    out   = feats @ W_dec + b_dec (+ x @ W_skipᵀ with a skip connection, x as given)
+
+A config key sparsify does not document, or a tensor it would not load, is refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 
 from saebench import hooks, located
@@ -38,38 +47,57 @@ from saebench.dictionaries.sae_lens import check_weights_header
 WEIGHTS_FILE = "sae.safetensors"
 IDENTITY_FILES = ("cfg.json", WEIGHTS_FILE)
 ACTIVATIONS = ("topk", "groupmax")
+TRAINING_KEYS = ("normalize_decoder", "multi_topk", "dtype")
+"""Config keys that shape sparsify's training only (decoder normalisation, the Multi-TopK
+loss, the training dtype): accepted, and they change nothing here."""
+KNOWN_KEYS = ("d_in", "activation", "num_latents", "expansion_factor", "k", "transcode",
+              "skip_connection", "signed", *TRAINING_KEYS)
+"""Every cfg.json key sparsify writes (`signed` by its older releases, only as false)."""
 
 
 class SparsifyCoder(torch.nn.Module):
     """A sparsify `SparseCoder` with dense features, as `splice.as_dictionary` adapts it.
 
-    `encode` scatters the top-k activations into zeros [..., d_sae]; `decode` multiplies dense
-    features by `W_dec`, so edited features decode too. `W_skip` is exposed for
-    `splice.Dictionary.decode`, which adds `x @ W_skip.T` as sparsify's forward does.
+    The parameters keep sparsify's names, layouts and order (`W_dec`, `b_dec`, `W_skip`,
+    then `encoder.weight` [d_sae, d_in] and `encoder.bias`), so that `splice.random_like`
+    draws the same random baseline from them as from sparsify's own module. `encode` gives
+    the dense features [..., d_sae] (zeros off the top-k or the group maxima); `decode`
+    multiplies any features by `W_dec`, so edited features decode too. `W_skip` (or None)
+    is exposed for `splice.Dictionary.decode`, which adds `x @ W_skip.T` as sparsify's
+    forward does.
     """
 
-    def __init__(self, coder: Any, hook_name: str, hook_name_out: str) -> None:
+    def __init__(self, tensors: dict[str, Tensor], cfg: dict[str, Any], hook_name: str,
+                 hook_name_out: str) -> None:
         super().__init__()
-        self.coder = coder
-        self.hook_name, self.hook_name_out = hook_name, hook_name_out
-        self.d_in = self.d_out = int(coder.d_in)
-        self.d_sae = int(coder.num_latents)
 
-    @property
-    def W_skip(self) -> Tensor | None:
-        """The skip connection [d_in, d_in] (out += x @ W_skip.T), None without one."""
-        return self.coder.W_skip
+        def frozen(name: str) -> torch.nn.Parameter | None:
+            value = tensors.get(name)
+            return None if value is None else torch.nn.Parameter(value, requires_grad=False)
+
+        self.W_dec, self.b_dec, self.W_skip = frozen("W_dec"), frozen("b_dec"), frozen("W_skip")
+        self.encoder = torch.nn.Module()
+        self.encoder.weight, self.encoder.bias = frozen("encoder.weight"), frozen("encoder.bias")
+        self.activation, self.k, self.transcode = cfg["activation"], cfg["k"], cfg["transcode"]
+        self.hook_name, self.hook_name_out = hook_name, hook_name_out
+        self.d_in = self.d_out = cfg["d_in"]
+        self.d_sae = cfg["d_sae"]
 
     def encode(self, x: Tensor) -> Tensor:
-        """Dense feature activations [..., d_sae]: sparsify's top-k, scattered into zeros."""
-        top = self.coder.encode(x.reshape(-1, x.shape[-1]))  # groupmax needs [N, d_in]
-        dense = top.top_acts.new_zeros(top.top_acts.shape[0], self.d_sae)
-        dense.scatter_(-1, top.top_indices, top.top_acts)
-        return dense.reshape(*x.shape[:-1], self.d_sae)
+        """Dense feature activations [..., d_sae] of `x` [..., d_in], in the stored dtype."""
+        x = x.to(self.W_dec.dtype)
+        pre = torch.relu((x if self.transcode else x - self.b_dec) @ self.encoder.weight.T
+                         + self.encoder.bias)
+        if self.activation == "topk":
+            top = pre.topk(self.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+        groups = pre.unflatten(-1, (self.k, -1))
+        top = groups.max(dim=-1, keepdim=True)
+        return torch.zeros_like(groups).scatter_(-1, top.indices, top.values).flatten(-2)
 
     def decode(self, feats: Tensor) -> Tensor:
         """The reconstruction `feats @ W_dec + b_dec` (without the skip term, which needs x)."""
-        return feats.to(self.coder.W_dec.dtype) @ self.coder.W_dec + self.coder.b_dec
+        return feats.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
 
 def sparsify_hooks(module: str, transcode: bool) -> tuple[str, str] | None:
@@ -83,33 +111,85 @@ def sparsify_hooks(module: str, transcode: bool) -> tuple[str, str] | None:
     return (given if transcode else output), output
 
 
+def _int_field(raw: dict[str, Any], key: str, default: int, minimum: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool_field(raw: dict[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _checked_cfg(raw: Any) -> dict[str, Any]:
+    """The fields of a parsed cfg.json that change the computation, with sparsify's defaults
+    (`SparseCoderConfig`); a ValueError names the first bad one."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(KNOWN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; sparsify's keys: {', '.join(KNOWN_KEYS)}")
+    if "d_in" not in raw:
+        raise ValueError("no d_in (sparsify's save_to_disk writes it)")
+    if raw.get("signed", False) is not False:
+        raise ValueError(f"signed: {raw['signed']!r} is not supported (only false)")
+    d_in = _int_field(raw, "d_in", 0, 1)
+    latents = _int_field(raw, "num_latents", 0, 0) or \
+        d_in * _int_field(raw, "expansion_factor", 32, 1)
+    cfg = {"d_in": d_in, "d_sae": latents, "k": _int_field(raw, "k", 32, 1),
+           "activation": raw.get("activation", "topk"),
+           "transcode": _bool_field(raw, "transcode", False),
+           "skip": _bool_field(raw, "skip_connection", False)}
+    for key in ("normalize_decoder", "multi_topk"):
+        _bool_field(raw, key, False)
+    if cfg["activation"] not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {cfg['activation']!r}; sparsify knows "
+                         f"{', '.join(ACTIVATIONS)}")
+    if cfg["k"] > latents:
+        raise ValueError(f"k={cfg['k']} is more than its {latents} latents")
+    if cfg["activation"] == "groupmax" and latents % cfg["k"]:
+        raise ValueError(f"groupmax splits the {latents} latents into k={cfg['k']} equal "
+                         "groups, which does not divide them")
+    return cfg
+
+
 def _read_cfg(directory: Path) -> dict[str, Any]:
     """The checked fields of a sparsify directory's cfg.json; a problem is a ValueError."""
     require_files(directory, IDENTITY_FILES, "sparsify", "SparseCoder.save_to_disk")
     cfg_file = directory / "cfg.json"
     try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-        d_in = int(raw["d_in"])
-        latents = int(raw.get("num_latents") or 0) or d_in * int(raw.get("expansion_factor", 32))
-        cfg = {"d_in": d_in, "d_sae": latents, "k": int(raw.get("k", 32)),
-               "activation": raw.get("activation", "topk"),
-               "transcode": bool(raw.get("transcode", False)),
-               "skip": bool(raw.get("skip_connection", False))}
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return _checked_cfg(json.loads(cfg_file.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{cfg_file}: not a sparsify config ({located.first_line(err)})"
                          ) from None
-    if cfg["activation"] not in ACTIVATIONS:
-        raise ValueError(f"{cfg_file}: unknown activation {cfg['activation']!r}; sparsify "
-                         f"knows {', '.join(ACTIVATIONS)}")
-    return cfg
 
 
 def _weight_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shapes sparsify's `SparseCoder` gives its tensors for `cfg`."""
+    """The tensors sparsify's `SparseCoder` has for `cfg`, with their shapes."""
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
     shapes = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,),
               "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     return {**shapes, "W_skip": (d_in, d_in)} if cfg["skip"] else shapes
+
+
+def _check_weights(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """`path` holds exactly the tensors of `shapes` (as sparsify's strict load requires),
+    with those shapes, all of one floating dtype."""
+    check_weights_header(path, shapes)
+    with safe_open(str(path), framework="pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in set(f.keys())}
+    missing, extra = sorted(set(shapes) - set(dtypes)), sorted(set(dtypes) - set(shapes))
+    if missing or extra:
+        found = "; ".join([*([f"missing {missing}"] if missing else []),
+                           *([f"unexpected {extra}"] if extra else [])])
+        raise ValueError(f"{path}: {found} (sparsify loads exactly {', '.join(shapes)} for "
+                         "this cfg.json)")
+    if len(set(dtypes.values())) != 1 or not next(iter(dtypes.values())).startswith(("F", "BF")):
+        raise ValueError(f"{path}: tensors must share one floating dtype, got {dtypes}")
 
 
 def _architecture(cfg: dict[str, Any]) -> str:
@@ -138,7 +218,7 @@ def _inspect(spec: DictionarySpec, suite_path: Path | None
     directory = located.local_path(spec.ref, suite_path)
     try:
         cfg = _read_cfg(directory)
-        check_weights_header(directory / WEIGHTS_FILE, _weight_shapes(cfg))
+        _check_weights(directory / WEIGHTS_FILE, _weight_shapes(cfg))
         return directory, cfg, _hooks(spec, directory, cfg["transcode"])
     except ValueError as err:
         raise located.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
@@ -153,25 +233,26 @@ def _probe(spec: DictionarySpec, suite_path: Path | None) -> DictionaryInfo:
                           _architecture(cfg))
 
 
+def read_sparsify(directory: Path, hook: str, device: str | torch.device = "cpu"
+                  ) -> SparsifyCoder:
+    """The sparsify SAE in `directory`, reading and writing `hook`, loaded on `device` (the
+    zoo's reader of its own sparsify dictionary); a problem is a ValueError."""
+    cfg = _read_cfg(directory)
+    _check_weights(directory / WEIGHTS_FILE, _weight_shapes(cfg))
+    return SparsifyCoder(load_file(str(directory / WEIGHTS_FILE), device=str(device)), cfg,
+                         hook, hook)
+
+
 def _load(spec: DictionarySpec, device: str | torch.device, suite_path: Path | None,
           allow_factory: bool = False) -> SparsifyCoder:
-    field = f"dictionaries.{spec.name}"
-    directory, _, (read, write) = _inspect(spec, suite_path)
+    directory, cfg, (read, write) = _inspect(spec, suite_path)
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # its Triton notice stays off stdout
-            from sparsify import SparseCoder
-    except ImportError as err:
-        raise located.error_at(suite_path, spec.line, field,
-                               f"sparsify dictionaries need EleutherAI's sparsify "
-                               f"({located.first_line(err)}); pip install "
-                               '"saebench[sparsify]"') from None
-    try:
-        coder = SparseCoder.load_from_disk(directory, device=device)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise located.error_at(suite_path, spec.line, field,
-                               f"{directory}: sparsify cannot load it "
+        tensors = load_file(str(directory / WEIGHTS_FILE), device=str(device))
+    except (OSError, SafetensorError, RuntimeError) as err:
+        raise located.error_at(suite_path, spec.line, f"dictionaries.{spec.name}",
+                               f"{directory / WEIGHTS_FILE}: cannot load it "
                                f"({located.first_line(err)})") from err
-    return SparsifyCoder(coder, read, write)
+    return SparsifyCoder(tensors, cfg, read, write)
 
 
 register_format(Format(name="sparsify", ref="directory", probe=_probe, load=_load,

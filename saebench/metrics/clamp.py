@@ -38,17 +38,19 @@ from saebench.metrics.registry import (
     Terms,
     register_metric,
 )
-from saebench.options import Option, number, positive_int
+from saebench.options import Option, number, positive_int, quote
 from saebench.splice import FeatureEdit
 
 
 def _clamp_value(value: Any) -> float | str:
+    """`max`, or a finite number: a clamp to an infinite value leaves no finite activation
+    downstream to compare."""
     if value == "max":
         return value
     try:
         return number(value)
     except ValueError:
-        raise ValueError(f"must be max or a number, got {value!r}") from None
+        raise ValueError(f"must be max or a finite number, got {quote(value)}") from None
 
 
 TOP_N = Option("how many of each dictionary's most frequent features clamp_effect pairs",
@@ -56,7 +58,7 @@ TOP_N = Option("how many of each dictionary's most frequent features clamp_effec
 PAIRS = Option("how many top-correlated feature pairs clamp_effect clamps", positive_int, 8,
                shapes_run=True)
 VALUE = Option("what clamp_effect clamps the upstream feature to: max (its maximum on the "
-               "data) or a number", _clamp_value, "max", shapes_run=True)
+               "data) or a finite number", _clamp_value, "max", shapes_run=True)
 SEQUENCES = Option("on how many of the first sequences clamp_effect runs its clamped passes",
                    positive_int, 64, shapes_run=True)
 
@@ -158,8 +160,12 @@ def _most_frequent(counts: Tensor, n: int) -> Tensor:
 
 
 def _toward(s: Terms) -> Tensor:
-    """Per pair [..., k]: 1 where the mean change of j has the expected sign, else 0."""
-    return ((s["clamp_delta"] * torch.sign(s["clamp_sign"])) > 0).to(s["clamp_n"].dtype)
+    """Per pair [..., k]: 1 where the mean change of j has the expected sign, 0 where it
+    has not, NaN where the change is not finite (a clamp that overflowed the dictionary's
+    dtype), so that the value is not a number rather than a count of such pairs as 0."""
+    delta = s["clamp_delta"]
+    toward = ((delta * torch.sign(s["clamp_sign"])) > 0).to(s["clamp_n"].dtype)
+    return torch.where(delta.isfinite(), toward, torch.nan)
 
 
 def _needs(o: Options, site: Site) -> Needs:

@@ -660,7 +660,7 @@ def _layer_rows(ctx: TableContext) -> dict[str, list[dict]]:
 
 
 _LAYER = Option("the write hook whose error is the value: max (the worst) or an index",
-                _layer, "max")
+                _layer, "max", indexes="write_hook")
 PER_LAYER_ERROR = register_metric(Metric(
     name="per_layer_error",
     terms=_fixed(*LAYER_TERMS),

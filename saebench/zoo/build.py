@@ -1,8 +1,10 @@
 """Build the toy zoo from a seed: corpus, tokenizer, model, task prompts, tokens, dictionaries.
 
-    python -m saebench.zoo build            # the committed zoo (about 20 minutes on 2 CPU cores)
+    python -m saebench.zoo build --out saebench/zoo/artifacts  # in a checkout: the committed
+                                                  # zoo (about 20 minutes on 2 CPU cores)
     python -m saebench.zoo build --tiny --out tiny-zoo   # seconds; exercises every step
-    python -m saebench.zoo build --dictionaries ct-clt  # one dictionary, into the zoo
+    python -m saebench.zoo build --out saebench/zoo/artifacts --dictionaries ct-clt
+                                                  # one dictionary, into the zoo
 
 Each step writes its artifacts under the output directory; the last one writes
 `manifest.json` with every file's sha256, the settings, the measured quality, and a

@@ -25,7 +25,9 @@ import yaml
 from sae_lens import SAE, SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig
 from sae_lens.saes.sae import SAEMetadata
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from saebench.dictionaries.sparsify import read_sparsify
 from saebench.zoo.coder import Coder
 
 if TYPE_CHECKING:
@@ -101,13 +103,12 @@ def _write_sparsify(spec: DictionarySpec, coder: Coder, directory: Path, n_ctx: 
 
 
 def _read_sparsify(spec: DictionarySpec, directory: Path) -> Coder:
-    from sparsify import SparseCoder
-
-    sae = SparseCoder.load_from_disk(directory)
-    if sae.cfg.activation != "topk" or sae.cfg.transcode:
+    """Through saebench's own reader of sparsify directories (sparsify's equations)."""
+    sae = read_sparsify(directory, spec.hook)
+    if sae.activation != "topk" or sae.transcode:
         raise ValueError(f"{directory}: only sparsify's top-k SAEs are zoo dictionaries")
     return Coder([spec.hook], [spec.hook], [sae.encoder.weight.T], [sae.encoder.bias],
-                 {(0, 0): sae.W_dec}, [sae.b_dec], [sae.b_dec], [sae.W_skip], sae.cfg.k)
+                 {(0, 0): sae.W_dec}, [sae.b_dec], [sae.b_dec], [sae.W_skip], sae.k)
 
 
 def activation_name(hook: str) -> tuple[str, int]:
@@ -149,16 +150,20 @@ def _read_dictionary_learning(spec: DictionarySpec, directory: Path) -> Coder:
                  [None], int(trainer["k"]))
 
 
-def _ct_suffix(template: str) -> str:
-    if not template.startswith(LAYER_TEMPLATE):
-        raise ValueError(f"a circuit-tracer hook must start with {LAYER_TEMPLATE!r}: {template!r}")
-    return template.removeprefix(LAYER_TEMPLATE)
+def _ct_suffix(hooks: list[str]) -> str:
+    """The hook name under `blocks.{layer}.` that every layer's hook in `hooks` shares."""
+    suffixes = {h.removeprefix(LAYER_TEMPLATE.format(layer=i)) for i, h in enumerate(hooks)}
+    if len(suffixes) != 1 or any(not h.startswith(LAYER_TEMPLATE.format(layer=i))
+                                 for i, h in enumerate(hooks)):
+        raise ValueError(f"circuit-tracer hooks must be blocks.{{layer}}.<one name>: {hooks}")
+    return suffixes.pop()
 
 
-def _write_ct_config(spec: DictionarySpec, kind: str, directory: Path) -> None:
+def _write_ct_config(coder: Coder, kind: str, directory: Path, **keys: object) -> None:
     config = {"model_kind": kind, "model_name": MODEL_NAME,
-              "feature_input_hook": _ct_suffix(spec.hook),
-              "feature_output_hook": _ct_suffix(spec.write_hook)}
+              "feature_input_hook": _ct_suffix(coder.reads),
+              "feature_output_hook": _ct_suffix(coder.writes),
+              **{k: v for k, v in keys.items() if v is not None}}
     (directory / CT_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
 
 
@@ -166,6 +171,8 @@ def _read_ct_config(directory: Path, kind: str) -> dict:
     config = yaml.safe_load((directory / CT_CONFIG).read_text())
     if config["model_kind"] != kind:
         raise ValueError(f"{directory}: model_kind {config['model_kind']!r}, expected {kind!r}")
+    if config.get("activation", "relu") != "relu":
+        raise ValueError(f"{directory}: a Coder runs ReLU features, not {config['activation']}")
     return config
 
 
@@ -174,38 +181,65 @@ def _ct_hooks(config: dict, n_layers: int) -> tuple[list[str], list[str]]:
             [f"blocks.{i}.{config['feature_output_hook']}" for i in range(n_layers)])
 
 
+def write_transcoder_set(coder: Coder, directory: Path, *, activation: str | None = None,
+                         k: int | None = None, thresholds: list[Tensor] | None = None) -> None:
+    """circuit-tracer's transcoder set: one `layer_{i}.safetensors` per layer, `W_enc` and
+    `W_dec` both [d_transcoder, d_model], `W_skip` where the coder has one, and each
+    layer's `thresholds[i]` as `activation_function.threshold`; config.yaml says
+    `activation` (`topk` with `k`, `relu`, `jump_relu`) when given, as circuit-tracer
+    reads it. The zoo's sets (ReLU, no keys) are the coder's equations."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_ct_config(coder, "transcoder_set", directory, activation=activation, k=k)
+    for i in range(len(coder.reads)):
+        tensors = {"W_enc": coder.W_enc[i].T.contiguous(), "W_dec": coder.W_dec[(i, i)],
+                   "b_enc": coder.b_enc[i], "b_dec": coder.b_dec[i]}
+        if coder.W_skip[i] is not None:
+            tensors["W_skip"] = coder.W_skip[i]
+        if thresholds is not None:
+            tensors["activation_function.threshold"] = thresholds[i]
+        save_file(tensors, str(directory / f"layer_{i}.safetensors"))
+
+
 def _write_transcoder_set(spec: DictionarySpec, coder: Coder, directory: Path,
                           n_ctx: int) -> None:
-    """circuit-tracer's transcoder set: one `layer_{i}.safetensors` per layer, `W_enc` and
-    `W_dec` both [d_transcoder, d_model]."""
-    _write_ct_config(spec, "transcoder_set", directory)
-    for i in range(len(coder.reads)):
-        save_file({"W_enc": coder.W_enc[i].T.contiguous(), "W_dec": coder.W_dec[(i, i)],
-                   "b_enc": coder.b_enc[i], "b_dec": coder.b_dec[i]},
-                  str(directory / f"layer_{i}.safetensors"))
+    write_transcoder_set(coder, directory)
 
 
 def _read_transcoder_set(spec: DictionarySpec, directory: Path) -> Coder:
     config = _read_ct_config(directory, "transcoder_set")
     n_layers = len(list(directory.glob("layer_*.safetensors")))
     layers = [load_file(str(directory / f"layer_{i}.safetensors")) for i in range(n_layers)]
+    if any("activation_function.threshold" in t for t in layers):
+        raise ValueError(f"{directory}: a Coder runs ReLU features, not JumpReLU")
     reads, writes = _ct_hooks(config, n_layers)
     return Coder(reads, writes, [t["W_enc"].T for t in layers], [t["b_enc"] for t in layers],
                  {(i, i): t["W_dec"] for i, t in enumerate(layers)},
-                 [t["b_dec"] for t in layers], [None] * n_layers, [None] * n_layers)
+                 [t["b_dec"] for t in layers], [None] * n_layers,
+                 [t.get("W_skip") for t in layers])
+
+
+def write_clt(coder: Coder, directory: Path, *, thresholds: list[Tensor] | None = None) -> None:
+    """circuit-tracer's cross-layer transcoder: per source layer i, `W_enc_{i}.safetensors`
+    (W_enc_i [d_transcoder, d_model], b_enc_i, b_dec_i, and `thresholds[i]` as threshold_i,
+    which makes its features JumpReLU) and `W_dec_{i}.safetensors` (W_dec_i [d_transcoder,
+    n_layers - i, d_model], output layers i..n-1). circuit-tracer stores no skip term."""
+    if any(w is not None for w in coder.W_skip):
+        raise ValueError("circuit-tracer's cross-layer transcoder files hold no skip term")
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_ct_config(coder, "cross_layer_transcoder", directory)
+    n_layers = len(coder.reads)
+    for i in range(n_layers):
+        encoder = {f"W_enc_{i}": coder.W_enc[i].T.contiguous(), f"b_enc_{i}": coder.b_enc[i],
+                   f"b_dec_{i}": coder.b_dec[i]}
+        if thresholds is not None:
+            encoder[f"threshold_{i}"] = thresholds[i]
+        save_file(encoder, str(directory / f"W_enc_{i}.safetensors"))
+        decoders = torch.stack([coder.W_dec[(i, j)] for j in range(i, n_layers)], dim=1)
+        save_file({f"W_dec_{i}": decoders}, str(directory / f"W_dec_{i}.safetensors"))
 
 
 def _write_clt(spec: DictionarySpec, coder: Coder, directory: Path, n_ctx: int) -> None:
-    """circuit-tracer's cross-layer transcoder: per source layer i, `W_enc_{i}.safetensors`
-    (W_enc_i [d_transcoder, d_model], b_enc_i, b_dec_i) and `W_dec_{i}.safetensors`
-    (W_dec_i [d_transcoder, n_layers - i, d_model], output layers i..n-1)."""
-    _write_ct_config(spec, "cross_layer_transcoder", directory)
-    n_layers = len(coder.reads)
-    for i in range(n_layers):
-        save_file({f"W_enc_{i}": coder.W_enc[i].T.contiguous(), f"b_enc_{i}": coder.b_enc[i],
-                   f"b_dec_{i}": coder.b_dec[i]}, str(directory / f"W_enc_{i}.safetensors"))
-        decoders = torch.stack([coder.W_dec[(i, j)] for j in range(i, n_layers)], dim=1)
-        save_file({f"W_dec_{i}": decoders}, str(directory / f"W_dec_{i}.safetensors"))
+    write_clt(coder, directory)
 
 
 def _read_clt(spec: DictionarySpec, directory: Path) -> Coder:
@@ -214,6 +248,8 @@ def _read_clt(spec: DictionarySpec, directory: Path) -> Coder:
     enc = [load_file(str(directory / f"W_enc_{i}.safetensors")) for i in range(n_layers)]
     dec = [load_file(str(directory / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"]
            for i in range(n_layers)]
+    if any(f"threshold_{i}" in t for i, t in enumerate(enc)):
+        raise ValueError(f"{directory}: a Coder runs ReLU features, not JumpReLU")
     reads, writes = _ct_hooks(config, n_layers)
     return Coder(reads, writes, [t[f"W_enc_{i}"].T for i, t in enumerate(enc)],
                  [t[f"b_enc_{i}"] for i, t in enumerate(enc)],

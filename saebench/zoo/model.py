@@ -8,8 +8,11 @@ trained on this processed model, and a user loads exactly what they were trained
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,7 +75,8 @@ def train_model(
     """
     torch.manual_seed(seed)
     cfg = HookedTransformerConfig(**build_config(spec, len(tokenizer), seed, "LN"))
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    with hooked_transformer_on_purpose():
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
 
     def lr_at(step: int) -> float:
@@ -107,6 +111,17 @@ def save_model(model: HookedTransformer, config: dict, directory: Path) -> None:
     save_file(state, str(directory / WEIGHTS_FILE))
 
 
+@contextlib.contextmanager
+def hooked_transformer_on_purpose() -> Iterator[None]:
+    """Build a `HookedTransformer` without TransformerLens 3's notice that version 4 removes
+    it: sae_lens runs on TransformerLens 3, so saebench builds one on purpose (and a user's
+    first run should show no warning it cannot act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*HookedTransformer is deprecated",
+                                category=DeprecationWarning)
+        yield
+
+
 def load_model(
     directory: Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -116,7 +131,8 @@ def load_model(
     """Load a model saved by `save_model` (config + safetensors) onto `device`."""
     config = json.loads((directory / CONFIG_FILE).read_text())
     cfg = HookedTransformerConfig(**config, device=str(device), dtype=dtype)
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
+    with hooked_transformer_on_purpose():
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
     state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     model.eval()

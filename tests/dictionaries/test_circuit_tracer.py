@@ -4,16 +4,21 @@ compounding), checked against a float64 re-implementation of the documented equa
 
 from __future__ import annotations
 
+import functools
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import yaml
+from safetensors.torch import load_file, save_file
 
 from saebench import engine, resolve, results
 from saebench.splice import as_dictionary, splice_hooks
 from saebench.suite import DictionarySpec, SuiteError
+from saebench.zoo import formats
+from saebench.zoo.coder import Coder
 
 N_LAYERS, D_MODEL, D_TC = 4, 128, 48
 READ, WRITE = "ln2.hook_normalized", "hook_mlp_out"
@@ -55,14 +60,31 @@ def _write(directory: Path, kind: str, weights: list[dict[str, torch.Tensor]],
     return directory
 
 
-def _reference_outputs(weights, kind: str, inputs: list[torch.Tensor], jump: bool = True
+def _jump(pre: torch.Tensor, w: dict) -> torch.Tensor:
+    """JumpReLU: pre where it exceeds the layer's threshold, else 0."""
+    return pre * (pre > w["threshold"].double())
+
+
+def _relu(pre: torch.Tensor, w: dict) -> torch.Tensor:
+    return pre.clamp_min(0)
+
+
+def _topk(pre: torch.Tensor, w: dict, k: int = 0) -> torch.Tensor:
+    """circuit-tracer's TopK: the k largest pre-activations of each row kept as they are
+    (negative ones too: no ReLU), the others 0; by sorting each row."""
+    order = pre.argsort(dim=-1, descending=True, stable=True)[..., :k]
+    keep = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, order, True)
+    return torch.where(keep, pre, 0.0)
+
+
+def _reference_outputs(weights, kind: str, inputs: list[torch.Tensor], act=_jump
                        ) -> list[torch.Tensor]:
     """Each layer's MLP-output reconstruction from each layer's input, in float64, by the
-    documented equations (f_i = act(x_i W_encᵀ + b_enc); out_j = b_dec_j + Σ_{i≤j} f_i W_dec)."""
+    documented equations (f_i = act(x_i W_encᵀ + b_enc); out_j = b_dec_j + Σ_{i≤j} f_i W_dec
+    + x_j W_skipᵀ with a skip connection)."""
     feats = []
     for w, x in zip(weights, inputs, strict=True):
-        pre = x.double() @ w["W_enc"].double().T + w["b_enc"].double()
-        feats.append(pre * (pre > w["threshold"].double()) if jump else pre.clamp_min(0))
+        feats.append(act(x.double() @ w["W_enc"].double().T + w["b_enc"].double(), w))
     outs = []
     for j in range(N_LAYERS):
         sources = [j] if kind == "transcoder_set" else range(j + 1)
@@ -70,6 +92,8 @@ def _reference_outputs(weights, kind: str, inputs: list[torch.Tensor], jump: boo
         for i in sources:
             out = out + feats[i] @ weights[i]["W_dec"][:, j - i if kind != "transcoder_set"
                                                        else 0].double()
+        if "W_skip" in weights[j]:
+            out = out + inputs[j].double() @ weights[j]["W_skip"].double().T
         outs.append(out)
     return outs
 
@@ -106,9 +130,14 @@ def test_parts_reconstruct_as_the_documented_equations(tmp_path, zoo_model, toke
     parts = _parts(_write(tmp_path / kind, kind, weights, jump))
     assert [p.name for p in parts] == [f"ct/L{i}" for i in range(N_LAYERS)]
     assert {p.part_of for p in parts} == {"ct"}
-    _, cache = zoo_model.run_with_cache(tokens)
+    _assert_parts_reconstruct(parts, zoo_model, tokens, weights, kind, _jump if jump else _relu)
+
+
+def _assert_parts_reconstruct(parts, model, tokens, weights, kind, act) -> None:
+    """Every layer's parts, on the clean model's inputs, sum to the float64 reference."""
+    _, cache = model.run_with_cache(tokens)
     inputs = [cache[f"blocks.{i}.{READ}"] for i in range(N_LAYERS)]
-    expected = _reference_outputs(weights, kind, inputs, jump)
+    expected = _reference_outputs(weights, kind, inputs, act)
     got = [torch.zeros_like(e) for e in expected]
     for i, part in enumerate(parts):
         recon = part.decode(part.encode(inputs[i]), x=inputs[i])
@@ -231,7 +260,8 @@ def test_bad_directories_are_refused_with_a_location(tmp_path):
     assert "expected config.yaml" in _located(tmp_path, tmp_path)
     directory = _write(tmp_path / "set", "transcoder_set", _weights("transcoder_set"))
     (directory / "layer_2.safetensors").unlink()
-    assert "layers 0..n-1" in _located(tmp_path, directory)
+    assert "a transcoder_set of layers 0..3 (its files go up to layer 3), but " \
+           "layer_2.safetensors is missing" in _located(tmp_path, directory)
     clt = _write(tmp_path / "clt", "cross_layer_transcoder", _weights("cross_layer_transcoder"))
     save_file({"W_dec_1": torch.zeros(D_TC, N_LAYERS, D_MODEL)},
               str(clt / "W_dec_1.safetensors"))
@@ -320,7 +350,7 @@ def test_a_suite_measures_replacement_models_and_refuses_one_dictionary_metrics(
     rows = {c.id: run.result(c) for c in run.suite.checks}
     for name in ("clt", "set", "shuffled"):
         row = rows[f"{name}::next_token_agreement"]
-        assert row["verdict"] == "pass" and 0 <= row["value"] <= 1
+        assert row["verdict"] == "measured" and 0 <= row["value"] <= 1
         assert row["hook"] == ",".join(f"blocks.{i}.{WRITE}" for i in range(N_LAYERS))
         assert row["architecture"].startswith("circuit_tracer-")
     assert rows["clt::ce_loss_recovered"]["value"] != \
@@ -354,3 +384,206 @@ def test_evaluate_measures_a_replacement_model_given_as_its_parts(tmp_path, zoo_
     assert frame.set_index("metric").loc["per_layer_error", "hook"] == "+".join(
         f"blocks.{i}.{WRITE}" for i in range(N_LAYERS))
     assert float(errors.min()) > 0
+
+
+# ---------------------------------------------------------------------------- activations,
+# config keys and coverage
+
+K_TOP = 6
+
+
+def _coder(weights: list[dict[str, torch.Tensor]], kind: str) -> Coder:
+    """The weights as a zoo `Coder`, which `saebench.zoo.formats` writes as circuit-tracer
+    does."""
+    n = len(weights)
+    if kind == "transcoder_set":
+        decoders = {(i, i): w["W_dec"][:, 0] for i, w in enumerate(weights)}
+    else:
+        decoders = {(i, j): w["W_dec"][:, j - i] for i, w in enumerate(weights)
+                    for j in range(i, n)}
+    return Coder([f"blocks.{i}.{READ}" for i in range(n)],
+                 [f"blocks.{i}.{WRITE}" for i in range(n)],
+                 [w["W_enc"].T for w in weights], [w["b_enc"] for w in weights], decoders,
+                 [w["b_dec"] for w in weights], [None] * n, [w.get("W_skip") for w in weights])
+
+
+def _skipped(weights: list[dict[str, torch.Tensor]], shift: float) -> list[dict]:
+    """`weights` with a skip connection per layer and every encoder bias moved by `shift`."""
+    g = torch.Generator().manual_seed(7)
+    return [{**w, "b_enc": w["b_enc"] + shift,
+             "W_skip": torch.randn(D_MODEL, D_MODEL, generator=g) * 0.02} for w in weights]
+
+
+def test_a_topk_set_keeps_the_k_largest_pre_activations_without_a_relu(tmp_path, zoo_model,
+                                                                       tokens):
+    """`activation: topk` with `k` (circuit-tracer's TopK: no ReLU first), with skip
+    connections, written by the zoo's circuit-tracer writer; the encoder biases are low
+    enough that most kept pre-activations are negative, which a ReLU would zero."""
+    weights = _skipped(_weights("transcoder_set"), shift=-4.0)
+    directory = tmp_path / "topk"
+    formats.write_transcoder_set(_coder(weights, "transcoder_set"), directory,
+                                 activation="topk", k=K_TOP)
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    assert (config["activation"], config["k"]) == ("topk", K_TOP)
+    parts = _parts(directory)
+    assert all(p.module.rule == "topk" and p.module.W_skip is not None for p in parts)
+    act = functools.partial(_topk, k=K_TOP)
+    _assert_parts_reconstruct(parts, zoo_model, tokens, weights, "transcoder_set", act)
+    _, cache = zoo_model.run_with_cache(tokens)
+    x = cache[f"blocks.0.{READ}"].double()
+    feats = act(x @ weights[0]["W_enc"].double().T + weights[0]["b_enc"].double(), weights[0])
+    assert ((feats != 0).sum(-1) == K_TOP).all() and (feats < 0).any()
+
+
+@pytest.mark.parametrize(("activation", "act"), [("jump_relu", _jump), ("relu", _relu),
+                                                 (None, _jump)])
+def test_the_configs_activation_decides_as_circuit_tracer_does(tmp_path, zoo_model, tokens,
+                                                               activation, act):
+    """With thresholds stored: `jump_relu` (or no activation key) is JumpReLU; `relu` is
+    ReLU, the thresholds unused, as circuit-tracer's `load_transcoder_set` does."""
+    weights = _weights("transcoder_set")
+    directory = tmp_path / "set"
+    formats.write_transcoder_set(_coder(weights, "transcoder_set"), directory,
+                                 activation=activation,
+                                 thresholds=[w["threshold"] for w in weights])
+    parts = _parts(directory)
+    _assert_parts_reconstruct(parts, zoo_model, tokens, weights, "transcoder_set", act)
+
+
+def test_a_jump_relu_clt_written_by_the_zoo_writer(tmp_path, zoo_model, tokens):
+    weights = _weights("cross_layer_transcoder")
+    directory = tmp_path / "clt"
+    formats.write_clt(_coder(weights, "cross_layer_transcoder"), directory,
+                      thresholds=[w["threshold"] for w in weights])
+    _assert_parts_reconstruct(_parts(directory), zoo_model, tokens, weights,
+                              "cross_layer_transcoder", _jump)
+
+
+def test_keys_that_change_no_number_are_accepted_and_ignored(tmp_path, zoo_model, tokens):
+    weights = _weights("transcoder_set")
+    directory = _write(tmp_path / "set", "transcoder_set", weights)
+    with (directory / "config.yaml").open("a") as f:
+        f.write("model_name: google/gemma-2-2b\nscan: mwhanna/gemma-scope-transcoders\n"
+                "revision: main\nlazy_encoder: false\nlazy_decoder: true\n")
+    _assert_parts_reconstruct(_parts(directory), zoo_model, tokens, weights, "transcoder_set",
+                              _jump)
+
+
+def _append(text: str):
+    def edit(directory: Path) -> None:
+        with (directory / "config.yaml").open("a") as f:
+            f.write(text)
+    return edit
+
+
+def _resave(file: str, change):
+    def edit(directory: Path) -> None:
+        tensors = load_file(directory / file)
+        change(tensors)
+        save_file(tensors, str(directory / file))
+    return edit
+
+
+def _unlink(*files: str):
+    def edit(directory: Path) -> None:
+        for file in files:
+            (directory / file).unlink()
+    return edit
+
+
+SET, CLT = "transcoder_set", "cross_layer_transcoder"
+# case -> (kind, damage, message after `dictionaries.ct: `)
+REFUSED = {
+    "unknown activation": (SET, _append("activation: softplus\n"),
+                           r"activation 'softplus' is not one of relu, jump_relu, topk"),
+    "topk without k": (SET, _append("activation: topk\n"),
+                       r"k goes with activation: topk, and only with it"),
+    "k without topk": (SET, _append("k: 8\n"), r"k goes with activation: topk"),
+    "k zero": (SET, _append("activation: topk\nk: 0\n"), r"k must be an integer >= 1, got 0"),
+    "k above the features": (SET, _append("activation: topk\nk: 100\n"),
+                             r"k=100 is more than the 48 features of a layer"),
+    "per-layer paths": (SET, _append("transcoders: [hf://a/b/layer_0.safetensors]\n"),
+                        r"transcoders: \(per-layer paths\) is not read"),
+    "unknown key": (SET, _append("dead_feature_threshold: 3\n"),
+                    r"unknown key\(s\) \['dead_feature_threshold'\]; circuit-tracer's keys"),
+    "topk on a clt": (CLT, _append("activation: topk\nk: 4\n"),
+                      r"activation 'topk' on a cross_layer_transcoder, whose features "
+                      r"circuit-tracer runs as jump_relu"),
+    "relu on a jump clt": (CLT, _append("activation: relu\n"), r"runs as jump_relu"),
+    "jump_relu without thresholds": (SET, lambda d: (
+        [_resave(f"layer_{i}.safetensors", lambda t: t.pop("activation_function.threshold"))(d)
+         for i in range(N_LAYERS)], _append("activation: jump_relu\n")(d)),
+        r"activation jump_relu, but no layer stores activation_function\.threshold"),
+    "stored k disagrees": (SET, lambda d: (_append("activation: topk\nk: 8\n")(d), _resave(
+        "layer_1.safetensors", lambda t: t.update(k=torch.tensor(4)))(d)),
+        r"layers \[1\] store k=4, but the config says k: 8"),
+    "threshold in some layers": (SET, _resave("layer_2.safetensors", lambda t: t.pop(
+        "activation_function.threshold")), r"layers \[0, 1, 3\] store threshold and the "
+                                           r"others do not"),
+    "unknown tensor": (CLT, _resave("W_enc_1.safetensors", lambda t: t.update(
+        W_skip_1=torch.zeros(D_MODEL, D_MODEL))), r"W_enc_1\.safetensors: unknown tensor\(s\) "
+                                                  r"\['W_skip_1'\]"),
+    "widths differ": (SET, _resave("layer_3.safetensors", lambda t: t.update(
+        W_enc=t["W_enc"][:40], b_enc=t["b_enc"][:40], W_dec=t["W_dec"][:40],
+        **{"activation_function.threshold": t["activation_function.threshold"][:40]})),
+        r"the layers' W_enc shapes differ \(\[\(48, 128\), \(48, 128\), \(48, 128\), "
+        r"\(40, 128\)\]\); circuit-tracer needs one d_transcoder"),
+    "garbage layer file": (SET, lambda d: (d / "layer_1.safetensors").write_bytes(b"\0" * 20),
+                           r"layer_1\.safetensors: not a readable safetensors file "
+                           r"\(SafetensorError: "),
+    "clt without its last layer": (CLT, _unlink("W_enc_3.safetensors", "W_dec_3.safetensors"),
+                                   r"a cross_layer_transcoder of layers 0\.\.3 \(W_dec_0 writes 4 "
+                                   r"layers\), but W_enc_3\.safetensors, W_dec_3\.safetensors "
+                                   r"are missing"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_circuit_tracer_does_not_document_is_refused_with_a_location(tmp_path, case):
+    kind, damage, message = REFUSED[case]
+    directory = _write(tmp_path / "ct", kind, _weights(kind))
+    damage(directory)
+    text = _located(tmp_path, directory)
+    assert "\n" not in text and re.search(message, text), text
+
+
+def test_declared_layers_must_be_the_layers_the_files_hold(tmp_path):
+    directory = _write(tmp_path / "ct", SET, _weights(SET))
+    text = _located(tmp_path, directory, args={"layers": [0, 1]})
+    assert "args.layers is [0, 1], but the files hold layers [0, 1, 2, 3]" in text
+    spec = DictionarySpec("ct", "circuit_tracer", str(directory), args={"layers": [0, 1, 2, 3]})
+    assert resolve.probe_dictionary(spec).d_sae == N_LAYERS * D_TC
+
+
+def test_a_set_short_of_the_models_layers_fails_its_checks_unless_its_layers_are_given(
+        tmp_path):
+    """Three layers' files of a four-layer model: an [error] naming the missing file, not a
+    three-layer replacement passing its checks; `args: {layers: [0, 1, 2]}` evaluates it
+    as that. The suite's other checks run."""
+    from saebench.checks import RunSettings, SuiteRun
+    from saebench.suite import load_suite
+
+    directory = _write(tmp_path / "short", SET, _weights(SET))
+    (directory / "layer_3.safetensors").unlink()
+    suite = tmp_path / "s.yaml"
+    suite.write_text(textwrap.dedent("""\
+        model: zoo
+        data: {source: zoo, n_tokens: 256}
+        dictionaries:
+          short: {circuit_tracer: short}
+          declared: {circuit_tracer: short, args: {layers: [0, 1, 2]}}
+        defaults: {options: {n_boot: 20}}
+        checks:
+          - {metric: next_token_agreement, dictionaries: [short, declared]}
+        """))
+    run = SuiteRun(load_suite(suite), RunSettings(device="cpu"))
+    rows = {c.id: run.result(c) for c in run.suite.checks}
+    short = rows["short::next_token_agreement"]
+    assert short["verdict"] == "error"
+    assert short["message"] == (
+        f"{suite}:4: dictionaries.short: a transcoder_set of layers 0..2 replaces part of a "
+        "model of 4 layers (layer_3.safetensors missing); add the missing files, or give "
+        "args: {layers: [0, 1, 2]} to evaluate a replacement of those layers only")
+    declared = rows["declared::next_token_agreement"]
+    assert declared["verdict"] == "measured" and 0 < declared["value"] <= 1
+    assert declared["hook"] == ",".join(f"blocks.{i}.{WRITE}" for i in range(3))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from saebench import engine, evaluate, loading, plan
 from saebench.metrics.registry import Site, get_metric
@@ -123,3 +125,31 @@ def test_the_poor_dictionary_fails_where_a_good_one_passes(zoo):
                   read={"b": b}, options=OPTIONS, n_boot=50, progress=False)
     values = dict(zip(df["dictionary"], df["value"], strict=True))
     assert values["good"] > 0.6 > values["poor"]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 10**400, "big"])
+def test_a_clamp_value_no_computation_can_use_is_refused(value):
+    option = get_metric("clamp_effect").options["value"]
+    with pytest.raises(ValueError, match=r"must be max or a finite number, got "):
+        option.parse(value)
+    assert option.parse("max") == "max" and option.parse(-2) == -2.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(deltas=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64),
+                       min_size=1, max_size=6),
+       signs=st.lists(st.sampled_from([-1.0, 0.0, 1.0]), min_size=6, max_size=6))
+def test_the_value_is_the_share_of_pairs_moved_as_predicted_or_nan(deltas, signs):
+    """The aggregate against numpy: the share of pairs whose summed change has the sign the
+    correlation predicts; NaN when a change is not finite (an overflowing clamp), never a
+    count of such a pair as not moved."""
+    k = len(deltas)
+    terms = {"clamp_delta": torch.tensor(deltas, dtype=torch.float64),
+             "clamp_sign": torch.tensor(signs[:k], dtype=torch.float64),
+             "clamp_n": torch.tensor(10.0, dtype=torch.float64)}
+    value = float(get_metric("clamp_effect").aggregate(terms, {}))
+    d, s = np.array(deltas), np.array(signs[:k])
+    if not np.isfinite(d).all():
+        assert np.isnan(value)
+    else:
+        assert value == pytest.approx(float(np.mean(d * np.sign(s) > 0)), abs=1e-15)

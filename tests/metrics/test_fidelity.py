@@ -67,7 +67,7 @@ def test_values_match_a_float64_computation_with_plain_hooks(zoo, upstream, read
     expected = brute_force(model, tokens, saes[upstream], saes[read])
     got = dict(zip(df["metric"], df["value"], strict=True))
     assert got == pytest.approx(expected, abs=1e-6)
-    assert (df["verdict"] == "ok").all() and df["check_id"].str.contains(r"\[read=b\]").all()
+    assert (df["verdict"] == "measured").all() and df["check_id"].str.contains(r"\[read=b\]").all()
 
 
 def test_identity_splice_keeps_every_feature(zoo):

@@ -98,7 +98,7 @@ def test_matches_brute_force_lstsq(zoo_model, transcoder, tokens, max_features, 
     row = evaluate(zoo_model, transcoder, tokens,
                    options={"max_features": max_features, "min_active": min_active})
     expected = brute_force_ev(zoo_model, transcoder, tokens, max_features, min_active)
-    assert row.verdict == "ok", row.message
+    assert row.verdict == "measured", row.message
     assert row.value == pytest.approx(expected, abs=1e-6)
     assert row.ci_low <= row.value <= row.ci_high
     parts = json.loads(row.parts)
@@ -117,7 +117,7 @@ def test_too_few_positions_per_feature_warn(zoo_model, transcoder, tokens, no_gr
 def test_exact_pre_activations_explain_everything(zoo_model, tokens, no_grad_one_thread):
     exact = mlp_transcoder(ExactMLPInput(zoo_model, 1), zoo_model, 1)
     row = evaluate(zoo_model, exact, tokens, options={"max_features": 128})
-    assert row.verdict == "ok", row.message
+    assert row.verdict == "measured", row.message
     assert row.value == pytest.approx(1.0, abs=1e-6)
 
 

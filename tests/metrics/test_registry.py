@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from saebench.dictionaries import DictionaryInfo
 from saebench.metrics import METRICS, Metric, get_metric, metric_names, parts, register_metric
 from saebench.metrics import tokens as tk
 from saebench.metrics.registry import (
@@ -21,6 +22,7 @@ from saebench.metrics.registry import (
     RECONSTRUCTION_TERMS,
     VECTOR_TERMS,
 )
+from saebench.options import Option, index_problem
 
 LENGTHS = (5, 9, 1, 12, 7)
 D, D_SAE = 6, 20
@@ -322,3 +324,44 @@ def test_values_do_not_depend_on_how_positions_are_grouped(seed: int, data):
         for name in CORE:
             va, vb = _value(name, a, options), _value(name, b, options)
             assert va == pytest.approx(vb, rel=1e-9, abs=1e-12, nan_ok=True), name
+
+
+def _info(n_hooks: int, d_sae: int = 64) -> DictionaryInfo:
+    hooks = ",".join(f"blocks.{i}.hook_mlp_out" for i in range(n_hooks))
+    return DictionaryInfo(hooks, hooks, 8, 8, d_sae, {})
+
+
+@FAST
+@given(n_hooks=st.integers(1, 6), index=st.integers(-10, 10))
+def test_per_layer_error_takes_exactly_the_indices_of_its_write_hooks(n_hooks, index):
+    """`layer` is refused at collection exactly where `_layer_choice` could not pick a hook:
+    outside [-n, n) for n write hooks."""
+    table = {"layer": get_metric("per_layer_error").options["layer"]}
+    problem = index_problem(table, {"layer": index}, {"ct": _info(n_hooks)}, "s.yaml:3: c")
+    errors = torch.ones(n_hooks)
+    try:
+        errors[index]
+        fits = -n_hooks <= index
+    except IndexError:
+        fits = False
+    assert (problem is None) == fits
+    if problem is not None:
+        assert problem.startswith(f"s.yaml:3: c.layer: index {index} is outside the {n_hooks} "
+                                  "write hook")
+        assert f"allowed: 0..{n_hooks - 1}, or -{n_hooks}..-1 counting from the end" in problem
+    assert index_problem(table, {"layer": "max"}, {"ct": _info(n_hooks)}, "w") is None
+
+
+def test_feature_ids_are_checked_against_the_one_dictionary_they_address():
+    table = {"features": Option("cards", tuple, (), indexes="feature")}
+    assert index_problem(table, {"features": (0, 63)}, {"a": _info(1)}, "w") is None
+    assert index_problem(table, {"features": (3, 64, 99)}, {"a": _info(1)}, "w") == (
+        "w.features: feature ids [64, 99] are outside 'a', whose 64 features are 0..63")
+    assert "this check splices 2 dictionaries" in index_problem(
+        table, {"features": (3,)}, {"a": _info(1), "b": _info(1)}, "w")
+    assert "'ct' is a replacement model" in index_problem(
+        table, {"features": (3,)}, {"ct": _info(4)}, "w")
+    unknown = DictionaryInfo("blocks.0.hook_resid_pre", None, None, None, None, {})
+    assert index_problem(table, {"features": (10**6,)}, {"f": unknown}, "w") is None
+    with pytest.raises(ValueError, match="indexes must be one of"):
+        Option("x", int, indexes="layers")

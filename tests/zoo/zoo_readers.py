@@ -10,8 +10,10 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file
+from tolerances import f32_sum
 from torch import Tensor
 
+from saebench.zoo.coder import Coder
 from saebench.zoo.dictionaries import DictionarySpec
 
 NEW_FORMATS = ("sparsify-L1-topk16", "skip-transcoder-L1", "ct-transcoders", "ct-clt")
@@ -77,3 +79,33 @@ def circuit_tracer_reference(directory: Path, cache: dict[str, Tensor]) -> list[
              for i, x in enumerate(xs)]
     return [enc[j][f"b_dec_{j}"] + sum(feats[i] @ dec[i][:, j - i] for i in range(j + 1))
             for j in range(n_layers)]
+
+
+def f32_bound(coder: Coder, xs: list[Tensor]) -> list[float]:
+    """Per output of `coder`, the most a float32 reconstruction of the float64 inputs `xs`
+    by any reader may differ from `coder.reconstruct(xs)` (float64) in any element.
+
+    An encoder sums d_in products, its bias and the pre-bias subtracted (f32_sum(d_in + 3)
+    of its terms' size); a decoder the active features' products, the skip's and a bias
+    (f32_sum(active + d_in + 2)); the encoder's error reaches the output through |W_dec|.
+    The terms' size is the same maps on absolute values, over the active features only
+    (ReLU and top-k only shrink what they pass). Top-k selections agree unless two features
+    tie within rounding. Two-order bounds, so one float64 side is covered twice over."""
+    feats = [coder.encode(i, x) for i, x in enumerate(xs)]
+    terms = []
+    for i, x in enumerate(xs):
+        pre = x if coder.pre_bias[i] is None else x - coder.pre_bias[i]
+        size = pre.abs() @ coder.W_enc[i].abs() + coder.b_enc[i].abs()
+        terms.append(torch.where(feats[i] != 0, size, 0.0))
+    encoder = f32_sum(max(x.shape[-1] for x in xs) + 3)
+    bounds = []
+    for j, x in enumerate(xs[:len(coder.writes)]):
+        sources = [i for i in range(j + 1) if (i, j) in coder.W_dec]
+        size = coder.b_dec[j].abs() + sum(terms[i] @ coder.W_dec[(i, j)].abs() for i in sources)
+        active = sum((feats[i] != 0).sum(-1) for i in sources)
+        width = x.shape[-1] if coder.W_skip[j] is not None else 0
+        if width:
+            size = size + x.abs() @ coder.W_skip[j].abs().T
+        n_dec = int(active.max()) + width + 2
+        bounds.append(float(((encoder + f32_sum(n_dec)) * size).max()))
+    return bounds
