@@ -482,6 +482,13 @@ def test_the_example_run_has_a_table_per_hook(tmp_path: Path) -> None:
     at_hook = table[table["hook"] == HOOK]
     assert at_hook["dictionary"].iloc[0] == "resid-L2-topk32"
     assert at_hook["dictionary"].iloc[-1] == "resid-L2-poor"
+    # every dictionary of the run once, each with its own numbers (ct-clt and its shuffled
+    # control share weights but not identity)
+    assert sorted(table["dictionary"]) == sorted(set(read_results(run)["dictionary"]))
+    clt = table.set_index("dictionary").loc[["ct-clt", "ct-clt-shuffled"], CE]
+    assert clt["ct-clt"] > 0.9 > 0.2 > clt["ct-clt-shuffled"]
+    committed = pd.read_csv(EXAMPLE / CSV_FILE)
+    assert sorted(committed["dictionary"]) == sorted(table["dictionary"])
 
 
 # --------------------------------------------------------------------------- command line
